@@ -1,0 +1,77 @@
+"""Config: presets load, overrides apply, bad keys and values are rejected with one line naming the key."""
+import pytest
+
+from mmdistill.config import METHODS, load_config, preset_names, with_method
+from mmdistill.errors import UserError
+
+PAPER_PRESETS = [f"{d}-{b}" for d in ("flickr30k", "coco", "cc3m") for b in (100, 200, 500)]
+
+
+def test_every_paper_and_embedded_preset_exists_and_validates():
+    names = preset_names()
+    for name in PAPER_PRESETS + ["shapes-tiny", "shapes-100", "emoji-100"]:
+        assert name in names
+        cfg = load_config(name)
+        assert cfg.name == name and cfg.distill.phases
+
+
+def test_paper_presets_follow_the_spec():
+    f500 = load_config("flickr30k-500")
+    assert [p.pairs for p in f500.distill.phases] == [200, 300]
+    assert [list(p.start_epochs) for p in f500.distill.phases] == [[0, 2], [1, 3]]
+    assert [p.shortcut_end for p in f500.distill.phases] == [5, 7]  # reference convexify 0_6 / 0_8, end exclusive
+    assert f500.model.image_encoder == "timm:nfnet_l0" and f500.model.text_encoder == "hf:bert-base-uncased"
+    assert f500.model.image_trainable and f500.distill.mini_batch_size == 40 and f500.distill.lr_sim == 10
+    cc3m = load_config("cc3m-200")
+    assert not cc3m.model.image_trainable and cc3m.model.embed_dim == 2048 and cc3m.distill.lr_sim == 50
+    assert len(load_config("coco-100").distill.phases) == 1
+
+
+def test_embedded_presets_have_two_phases():
+    for name in ("shapes-tiny", "shapes-100", "emoji-100"):
+        assert len(load_config(name).distill.phases) == 2
+    assert load_config("shapes-100").model.image_trainable
+    assert not load_config("emoji-100").model.image_trainable
+
+
+def test_dotted_overrides_including_list_items():
+    cfg = load_config("shapes-100", ["distill.phases.0.pairs=25", "distill.lr_sim=5", "seed=7",
+                                     "evaluate.baselines=[random, herding]"])
+    assert cfg.distill.phases[0].pairs == 25 and cfg.distill.lr_sim == 5.0 and cfg.seed == 7
+    assert list(cfg.evaluate.baselines) == ["random", "herding"]
+
+
+def test_method_switches_are_configuration():
+    lors = load_config("shapes-100", ["distill.method=lors"])
+    assert lors.distill.similarity == "lowrank" and not lors.distill.use_phases and not lors.distill.use_ema
+    mtt = with_method(load_config("shapes-100"), "mtt-vl")
+    assert mtt.distill.similarity == "identity" and mtt.distill.gradient == "unroll"
+    # the user's override wins over the method's switch
+    assert load_config("shapes-100", ["distill.method=lors", "distill.similarity=full"]).distill.similarity == "full"
+    for name in ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema"):
+        switches = METHODS[name]
+        assert switches["use_ema"] == ("ema" in name.split("+"))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("distill.phses.0.pairs=3", "unknown config key 'distill.phses.0.pairs' (did you mean distill.phases.0.pairs"),
+    ("model.image_encodr=x", "did you mean model.image_encoder"),
+    ("distill.phases.9.pairs=3", "'distill.phases.9.pairs'"),
+    ("distill.syn_steps=abc", "bad value 'abc' for 'distill.syn_steps'"),
+    ("distill.loss=wbc", "bad value 'wbc' for 'distill.loss' (did you mean wbce"),
+    ("evaluate.runs=0", "'evaluate.runs': must be > 0"),
+    ("distill.phases.0.start_epochs=[3, 1]", "'distill.phases.0.start_epochs'"),
+    ("distill.phases.0.shortcut_end=99", "'distill.phases.0.shortcut_end'"),
+    ("distill.space=feature", "'distill.space'"),
+    ("nonsense", "bad override 'nonsense'"),
+])
+def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):
+    with pytest.raises(UserError) as info:
+        load_config("shapes-100", [override])
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(UserError, match="unknown preset 'shapes-10'.*shapes-100"):
+        load_config("shapes-10")
