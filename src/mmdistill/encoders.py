@@ -17,13 +17,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
 from .utils import resolve_device
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------------- image encoders
@@ -125,7 +121,9 @@ def _build_timm(model_name: str, *, image_size: int, pretrained: bool, **convnet
         raise UserError(f"unknown timm model {model_name!r} in image encoder 'timm:{model_name}'")
     try:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="avg")
-    except (OSError, RuntimeError) as err:  # hub/URL download failures, or no pretrained weights for the name
+    except RuntimeError as err:  # a bad pretrained tag, e.g. 'resnet18.no_such_tag'
+        raise UserError(f"image encoder timm:{model_name}: {err}") from None
+    except OSError as err:  # hub or URL download failed
         raise UserError(f"cannot load pretrained weights for timm:{model_name} ({type(err).__name__}; no network?);"
                         " set model.pretrained=false for random init") from None
     cfg = model.pretrained_cfg
@@ -162,7 +160,8 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str, model: nn.Module, dim: int, device: torch.device):
         super().__init__()
         self.name, self.dim, self.device = name, dim, device
-        self.model = model.to(device).requires_grad_(False).eval()
+        self.model = model.to(device).requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(False)
@@ -170,19 +169,23 @@ class TextEncoder(nn.Module):
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Encode each distinct text once (procedural captions repeat a lot), longest first to pad less."""
-        unique = list(dict.fromkeys(texts))
+        """Encode each distinct text once (procedural captions repeat a lot), longest first to pad less.
+
+        Only the model runs under inference_mode: the result is an ordinary tensor that autograd may save.
+        """
+        row_of = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        unique = list(row_of)
         order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
         features = torch.empty(len(unique), self.dim)
         with tqdm(total=len(unique), desc=f"text features ({self.name})", unit="caption",
                   disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                features[rows] = self._encode_batch([unique[i] for i in rows]).float().cpu()
+                with torch.inference_mode():
+                    batch_features = self._encode_batch([unique[i] for i in rows])
+                features[rows] = batch_features.float().cpu()
                 bar.update(len(rows))
-        row_of = {text: i for i, text in enumerate(unique)}
         return features[[row_of[text] for text in texts]]
 
 
