@@ -1,0 +1,366 @@
+"""Stage 5: train fresh students on synthetic phases (or real-pair baselines) and report retrieval recall.
+
+The protocol follows the reference's `evaluate_synset_PTM` (spec 7) without its bugs (spec 9): the image
+projection is trained in frozen-image mode, the learning-rate schedule restarts with each phase (unless
+`evaluate.lr_schedule=global`), every run is seeded, and the checkpoint is chosen on the validation split while
+the test split is only reported (unless `evaluate.protocol=reference`, labelled as selected on test).
+
+Evaluation is kept cheap: validation/test images come from cached frozen features or from pixels already in
+memory, and pixels of synthetic images are pushed through a frozen encoder once per phase, not at every step.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.optim import SGD
+
+from .coresets import CORESETS, select_coreset
+from .data import load_image
+from .data.transforms import build_transform, normalize
+from .errors import UserError
+from .experts import ExpertStore
+from .io import write_json
+from .losses import LOSSES
+from .metrics import retrieval_metrics
+from .model import GROUPS, DualEncoder, build_model
+from .prepare import Prepared, prepare
+from .similarity import similarity_block
+from .utils import derive_seed, generator, resolve_device
+
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
+EMBED_BATCH = 512  # images or captions per forward pass when embedding a whole split
+SIM_CHUNK = 4096  # captions per block of the caption x image matrix in the forgetting statistics
+
+
+# -- image inputs ----------------------------------------------------------------------------------------
+def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, device) -> torch.Tensor:
+    """Images as the student's trained part eats them.
+
+    Features pass through. Pixels (normalised for the bundle's encoder) are renormalised for the student's
+    encoder (a cross-architecture student may expect other statistics) and, in frozen mode, encoded once:
+    a frozen encoder gives the same features at every step.
+    """
+    if images.dim() == 2:
+        return images
+    encoder = model.image_encoder if model.image_trainable else model.frozen_image_encoder
+    if (tuple(encoder.mean), tuple(encoder.std)) != (tuple(bundle.mean), tuple(bundle.std)):
+        mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (bundle.mean, bundle.std))
+        images = normalize(images * std + mean, encoder.mean, encoder.std)
+    if model.image_trainable:
+        return images
+    with torch.no_grad():
+        return torch.cat([model.image_features(chunk.to(device)) for chunk in images.split(EMBED_BATCH)])
+
+
+def _pixels01(bundle: Prepared, split: str, image_size: int, ids: torch.Tensor) -> torch.Tensor:
+    """Test-transformed pixels in [0, 1] of some images of a split: from memory, else decoded from files."""
+    if split in bundle.pixels:
+        return bundle.pixels[split][ids]
+    transform = build_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
+    return torch.stack([transform(load_image(bundle.splits[split], i)) for i in ids.tolist()])
+
+
+def _input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool,
+                  device) -> Iterator[torch.Tensor]:
+    """The student's inputs for every image of a split, EMBED_BATCH images at a time (files decode lazily).
+
+    `cached`: the student's frozen encoder is the one the bundle's features were computed with, so the cached
+    features are its output on these images.
+    """
+    if cached:
+        yield from bundle.features[split].split(EMBED_BATCH)
+        return
+    for ids in torch.arange(len(bundle.splits[split])).split(EMBED_BATCH):
+        yield _student_inputs(model, bundle, bundle.normalize(_pixels01(bundle, split, image_size, ids)), device)
+
+
+def _embed(model: DualEncoder, image_chunks: Iterable[torch.Tensor], texts: torch.Tensor, device):
+    """Image and text embeddings in eval mode (no dropout), without gradients."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        image_emb = torch.cat([model.encode_image(chunk.to(device)) for chunk in image_chunks])
+        text_emb = torch.cat([model.encode_text(chunk.to(device)) for chunk in texts.split(EMBED_BATCH)])
+    model.train(was_training)
+    return image_emb, text_emb
+
+
+# -- one student -----------------------------------------------------------------------------------------
+class _Checkpoints:
+    """Recall at the evaluation checkpoints of one run, and the state the protocol selects.
+
+    Protocol "val" scores a checkpoint by validation r_mean and keeps a copy of the student's state (buffers
+    included), whose test recall is measured once at the end. Protocol "reference" measures test recall at
+    every checkpoint and keeps the best (biased upward: it selects on the test set, as the reference did).
+    """
+
+    def __init__(self, model: DualEncoder, splits: dict, protocol: str, device):
+        self.model, self.splits, self.protocol, self.device = model, splits, protocol, device
+        self.curve: list[dict] = []
+        self.best: dict | None = None
+
+    def _recall(self, name: str) -> dict | None:
+        """Retrieval metrics of a split, or None when the student's embeddings are not finite."""
+        images, texts, split = self.splits[name]
+        image_emb, text_emb = _embed(self.model, images.split(EMBED_BATCH), texts, self.device)
+        sim = self.model.similarity(image_emb, text_emb)
+        if not torch.isfinite(sim).all():
+            return None
+        return retrieval_metrics(sim, split.img2txt, split.txt2img)
+
+    def check(self, phase: int, epoch: int) -> bool:
+        """Evaluate the current student; False when it has diverged."""
+        reference = self.protocol == "reference"
+        val = self._recall("validation")
+        test = self._recall("test") if reference else None
+        if val is None or (reference and test is None):
+            return False
+        self.curve.append({"phase": phase, "epoch": epoch, "val_r_mean": val["r_mean"]})
+        score = (test if reference else val)["r_mean"]
+        if self.best is None or score > self.best["score"]:
+            state = None if reference else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"score": score, "val": val, "test": test, "phase": phase, "epoch": epoch, "state": state}
+        return True
+
+    def result(self) -> dict:
+        best = self.best
+        if best["test"] is None:
+            self.model.load_state_dict(best["state"])
+            best["test"] = self._recall("test")
+        return {"test": best["test"], "val": best["val"], "phase": best["phase"], "epoch": best["epoch"],
+                "curve": self.curve}
+
+
+def _check_phases(cfg, phases: list[dict], encoder_name: str, cross: bool) -> None:
+    for p, phase in enumerate(phases):
+        if phase["images"].dim() != 2:
+            continue
+        if cross:
+            raise UserError(f"cross-architecture evaluation (image encoder {encoder_name!r}) needs pixel-space "
+                            f"synthetic data, but phase {p} holds image features (distill.space=feature)")
+        if cfg.model.image_trainable:
+            raise UserError(f"phase {p} holds image features, which need model.image_trainable=false")
+
+
+def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int, checkpoints: _Checkpoints,
+                 gen: torch.Generator, device) -> bool:
+    """Train the student on one synthetic set; False when it diverged (then it stops at once)."""
+    ev = cfg.evaluate
+    lrs = [float(phase["lr_img"]), float(phase["lr_txt"])]
+    if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):  # a learned lr can go negative (spec 5.6)
+        return False
+    images = _student_inputs(model, bundle, phase["images"], device).to(device)
+    texts = phase["texts"].to(device)
+    kind, alpha = phase.get("similarity", "identity"), float(phase.get("sim_alpha", 1.0))
+    sim_params = {k: v for k, v in phase.items() if k.startswith("sim_") and torch.is_tensor(v)}
+    loss_fn = LOSSES[cfg.distill.loss]
+    named = dict(model.named_parameters())
+    groups = [[named[n] for n in model.layouts[g].names] for g in GROUPS]  # 'img' includes the image projection
+    optimizer = SGD([{"params": params, "lr": lr} for params, lr in zip(groups, lrs)],
+                    momentum=ev.momentum, weight_decay=ev.weight_decay)
+    milestones = sorted(ev.lr_milestones)
+    model.train()
+    for epoch in range(1, ev.epochs + 1):
+        # MultiStepLR's closed form: lr = base * 0.1^(milestones passed), counted per phase or across phases.
+        scheduled = epoch - 1 if ev.lr_schedule == "per-phase" else p * ev.epochs + epoch - 1
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr * 0.1 ** bisect.bisect_right(milestones, scheduled)
+        for _ in range(math.ceil(len(texts) / ev.batch_size)):
+            index = torch.randperm(len(texts), generator=gen)[:ev.batch_size]
+            target = similarity_block(kind, sim_params, index, alpha).to(device)
+            loss = loss_fn(model(images[index.to(device)], texts[index.to(device)]), target)
+            if not torch.isfinite(loss):
+                return False
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if (epoch % ev.eval_every == 0 or epoch == ev.epochs) and not checkpoints.check(p, epoch):
+            return False
+    return True
+
+
+def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_encoder: str | None = None) -> dict:
+    """Train one fresh student on the phases in order and report test recall at the protocol's checkpoint.
+
+    Checkpoints are epoch 0 of phase 0 (the untrained student), then every `evaluate.eval_every` epochs and the
+    last epoch of each phase (epoch 0 of a later phase is the last checkpoint of the one before). A run that
+    diverges stops there and reports its best finite checkpoint with "diverged": true.
+    """
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    encoder_name = image_encoder or cfg.evaluate.image_encoder or cfg.model.image_encoder
+    cross = encoder_name != cfg.model.image_encoder
+    _check_phases(cfg, phases, encoder_name, cross)
+    model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=seed,
+                        device=device, image_encoder=encoder_name)
+    cached = not model.image_trainable and not cross
+    splits = {name: (torch.cat(list(_input_chunks(model, bundle, name, cfg.data.image_size, cached, device))),
+                     bundle.texts[name], bundle.splits[name]) for name in ("validation", "test")}
+    checkpoints = _Checkpoints(model, splits, cfg.evaluate.protocol, device)
+    gen = generator(seed, "eval-batches")
+    diverged = False
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(seed, "eval-dropout"))  # dropout draws from the global generator
+        checkpoints.check(0, 0)
+        for p, phase in enumerate(phases):
+            if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
+                diverged = True
+                break
+    return {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
+
+
+# -- several runs ----------------------------------------------------------------------------------------
+def summarize_runs(per_run: list[dict], protocol: str) -> dict:
+    """Mean and sample standard deviation over runs of each test metric (one results.json entry)."""
+    std = {m: statistics.stdev([r["test"][m] for r in per_run]) if len(per_run) > 1 else 0.0 for m in METRICS}
+    means = {m: statistics.fmean(r["test"][m] for r in per_run) for m in METRICS}
+    return {**means, "r_mean_std": std["r_mean"], "runs": len(per_run), "std": std, "protocol": PROTOCOLS[protocol],
+            "diverged": sum(r["diverged"] for r in per_run), "per_run": per_run}
+
+
+def evaluate_phases(cfg, bundle: Prepared, phases: list[dict], *, runs: int, seed: int,
+                    image_encoder: str | None = None) -> dict:
+    """`runs` students with seeds derived from `seed`, so every method meets the same initialisations."""
+    per_run = [train_and_test(cfg, bundle, phases, derive_seed(seed, "eval", r), image_encoder) for r in range(runs)]
+    return summarize_runs(per_run, cfg.evaluate.protocol)
+
+
+# -- baselines at the same budget ------------------------------------------------------------------------
+def _full_data_model(cfg, bundle: Prepared, store, epoch: int, device) -> DualEncoder:
+    """A student holding expert 0's parameters after `epoch` epochs on the full training data."""
+    model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=0, device=device)
+    model.set_flat(store.snapshot(0, epoch))
+    return model
+
+
+def _train_embeddings(cfg, model: DualEncoder, bundle: Prepared, device):
+    """L2-normalised embeddings of every training image and caption."""
+    chunks = _input_chunks(model, bundle, "train", cfg.data.image_size, not model.image_trainable, device)
+    image_emb, text_emb = _embed(model, chunks, bundle.texts["train"], device)
+    return F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
+
+
+def _correct_history(cfg, bundle: Prepared, store, device) -> torch.Tensor:
+    """[epochs, captions]: after each epoch of expert 0, is the caption's own image its top-1 retrieval?
+
+    A pair counts as learned when, among all training images, its caption retrieves its image first
+    (text -> image, argmax ties to the smallest image id).
+    """
+    txt2img = torch.tensor(bundle.splits["train"].txt2img, device=device)
+    history = []
+    for epoch in range(1, store.epochs + 1):
+        image_emb, text_emb = _train_embeddings(cfg, _full_data_model(cfg, bundle, store, epoch, device), bundle,
+                                                device)
+        top1 = torch.cat([(chunk @ image_emb.T).argmax(1) for chunk in text_emb.split(SIM_CHUNK)])
+        history.append((top1 == txt2img).cpu())
+    return torch.stack(history)
+
+
+def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> list[dict]:
+    """One phase of real training pairs chosen by a coreset method at the distillation budget.
+
+    The pairs are caption entries (a caption and its image); S is the identity and both learning rates are
+    `distill.lr_init`, so they train under the same protocol and loss (`distill.loss`) as a distilled set.
+    Herding and k-center select on the concatenated image and text embeddings of a full-data model (expert 0's
+    final snapshot), forgetting on expert 0's training dynamics (see `_correct_history`).
+    """
+    if method not in CORESETS:
+        raise UserError(f"unknown coreset baseline {method!r}; choose from {', '.join(CORESETS)}")
+    split = bundle.splits["train"]
+    pairs = sum(p.pairs for p in cfg.distill.phases)
+    if pairs > len(split.captions):
+        raise UserError(f"the budget of {pairs} pairs exceeds the {len(split.captions)} training captions")
+    gen = generator(seed, "coreset", method)
+    device = resolve_device(cfg.device)
+    if method == "random":
+        index = select_coreset(method, pairs, generator=gen, num_items=len(split.captions))
+    else:
+        store = ExpertStore(experts_dir)
+        if method == "forgetting":
+            index = select_coreset(method, pairs, generator=gen,
+                                   correct_history=_correct_history(cfg, bundle, store, device))
+        else:
+            model = _full_data_model(cfg, bundle, store, store.epochs, device)
+            image_emb, text_emb = _train_embeddings(cfg, model, bundle, device)
+            features = torch.cat([image_emb[torch.tensor(split.txt2img, device=device)], text_emb], dim=1)
+            index = select_coreset(method, pairs, generator=gen, features=features)
+    index = index.cpu()
+    image_ids = torch.tensor(split.txt2img)[index]
+    if cfg.distill.space == "feature":
+        images = bundle.features["train"][image_ids]
+    else:
+        images = bundle.normalize(_pixels01(bundle, "train", cfg.data.image_size, image_ids))
+    lr = torch.tensor([cfg.distill.lr_init])
+    return [{"images": images, "texts": bundle.texts["train"][index], "captions": index, "lr_img": lr,
+             "lr_txt": lr.clone(), "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"corrupt JSON in {path} (line {err.lineno}): {err.msg}") from None
+
+
+def full_data_metrics(experts_dir) -> dict:
+    """The experts' mean final test recall (summary.json), in the format of an evaluated method."""
+    path = Path(experts_dir) / "summary.json"
+    summary = _read_json(path)
+    if "test" not in summary:
+        raise UserError(f"{path} has no 'test' entry: train the experts again")
+    test, std = summary["test"], summary.get("test_std", {})
+    return {**{m: test[m] for m in METRICS}, "r_mean_std": std.get("r_mean", 0.0),
+            "runs": summary.get("experts", 1), "std": {m: std.get(m, 0.0) for m in METRICS},
+            "protocol": "full data (experts' final epoch)"}
+
+
+# -- command ---------------------------------------------------------------------------------------------
+def results_path(out: Path) -> Path:
+    """`--out` names a folder (results.json goes inside) or, ending in .json, the file itself."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out / "results.json"
+
+
+def format_table(methods: dict) -> str:
+    """One line per method: the six recalls, r_mean +- std, runs."""
+    header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}"
+    lines = [header]
+    for name, entry in methods.items():
+        recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
+        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}")
+    return "\n".join(lines)
+
+
+def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
+    """`mmdistill evaluate`: evaluate a distillation output and merge its entry into results.json."""
+    from .distill import load_synthetic  # distill imports much of the package; evaluation only needs its loader
+
+    synthetic_dir = Path(synthetic_dir)
+    method = _read_json(synthetic_dir / "meta.json").get("method", cfg.distill.method)
+    phases = load_synthetic(synthetic_dir)
+    path = results_path(out_path)
+    results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
+               "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
+    if path.exists():
+        old = _read_json(path)
+        if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
+            raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another --out")
+        results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
+    bundle = prepare(cfg)
+    start = time.perf_counter()
+    results["methods"][method] = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+    results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
+    write_json(results, path)
+    print(format_table(results["methods"]))
+    return results

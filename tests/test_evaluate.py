@@ -1,0 +1,293 @@
+import json
+import math
+import os
+import sys
+import types
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the tests never touch the network
+
+import pytest
+import torch
+
+import mmdistill.evaluate as evaluate
+from mmdistill.config import load_config
+from mmdistill.data import Split
+from mmdistill.encoders import CLIP_MEAN, CLIP_STD
+from mmdistill.errors import UserError
+from mmdistill.evaluate import METRICS, coreset_phases, evaluate_command, full_data_metrics, train_and_test
+from mmdistill.model import build_model
+from mmdistill.prepare import Prepared
+
+FEATURE_DIM, TEXT_DIM, CAPTIONS = 64, 16, 2  # convnet depth 1, width 4 on 8 px images gives 4*4*4 = 64 features
+
+
+def make_cfg(*overrides, frozen=True):
+    """shapes-tiny shrunk further; frozen mode trains on feature-space data."""
+    mode = ["model.image_trainable=false", "distill.space=feature"] if frozen else []
+    return load_config("shapes-tiny", ["device=cpu", "data.image_size=8", "model.convnet.depth=1",
+                                       "model.convnet.width=4", *mode, *overrides])
+
+
+def make_split(name, n, gen, mixing):
+    """n images with CAPTIONS captions each; the caption features are a fixed linear map of the image features,
+    so a student can learn to align them."""
+    features = torch.randn(n, FEATURE_DIM, generator=gen)
+    txt2img = [i for i in range(n) for _ in range(CAPTIONS)]
+    texts = features[txt2img] @ mixing + 0.1 * torch.randn(len(txt2img), TEXT_DIM, generator=gen)
+    pixels = torch.rand(n, 3, 8, 8, generator=gen)
+    split = Split(name=name, captions=[f"caption {t}" for t in range(len(txt2img))], txt2img=txt2img,
+                  img2txt=[list(range(i * CAPTIONS, (i + 1) * CAPTIONS)) for i in range(n)],
+                  images=(pixels * 255).to(torch.uint8))
+    return split, features, texts, pixels
+
+
+def make_bundle(sizes=(40, 30, 40), seed=0, same_eval=False):
+    """A hand-built Prepared bundle; same_eval: validation and test are the training split itself."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(FEATURE_DIM, TEXT_DIM, generator=gen) / math.sqrt(FEATURE_DIM)
+    bundle = Prepared(splits={}, texts={}, mean=CLIP_MEAN, std=CLIP_STD)
+    for name, n in zip(("train", "validation", "test"), sizes):
+        made = make_split(name, n, gen, mixing) if not (same_eval and name != "train") else made
+        bundle.splits[name], bundle.features[name], bundle.texts[name], bundle.pixels[name] = made
+    return bundle
+
+
+def real_phase(bundle, captions, space="feature", lr=0.1, lr_txt=None):
+    image_ids = torch.tensor(bundle.splits["train"].txt2img)[captions]
+    images = bundle.features["train"][image_ids] if space == "feature" else bundle.normalize(
+        bundle.pixels["train"][image_ids])
+    return {"images": images, "texts": bundle.texts["train"][captions], "lr_img": torch.tensor([lr]),
+            "lr_txt": torch.tensor([lr if lr_txt is None else lr_txt]), "similarity": "identity", "space": space}
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records its instances and the learning rates of every step."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lrs = []
+        RecordingSGD.instances.append(self)
+
+    def step(self, closure=None):
+        self.lrs.append([group["lr"] for group in self.param_groups])
+        return super().step(closure)
+
+
+@pytest.fixture
+def recording_sgd(monkeypatch):
+    RecordingSGD.instances = []
+    monkeypatch.setattr(evaluate, "SGD", RecordingSGD)
+    return RecordingSGD
+
+
+def without_time(result):
+    return {k: v for k, v in result.items() if k != "seconds"}
+
+
+def test_deterministic_given_seed_in_pixel_space():
+    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=2", frozen=False)
+    bundle = make_bundle()
+    phases = [real_phase(bundle, torch.arange(0, 20), "pixel"), real_phase(bundle, torch.arange(20, 40), "pixel")]
+    first = train_and_test(cfg, bundle, phases, seed=3)
+    assert without_time(first) == without_time(train_and_test(cfg, bundle, phases, seed=3))
+    assert first["curve"] != train_and_test(cfg, bundle, phases, seed=4)["curve"]
+    assert [(c["phase"], c["epoch"]) for c in first["curve"]] == [(0, 0), (0, 2), (0, 4), (1, 2), (1, 4)]
+    assert set(first["test"]) == set(METRICS) and not first["diverged"]
+
+
+def test_frozen_mode_trains_the_image_projection(monkeypatch, recording_sgd):
+    cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5")
+    bundle = make_bundle(same_eval=True)
+    built = []
+    monkeypatch.setattr(evaluate, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    result = train_and_test(cfg, bundle, [real_phase(bundle, torch.arange(80))], seed=0)
+    model = built[0]
+    img_group = recording_sgd.instances[0].param_groups[0]["params"]
+    assert {id(p) for p in img_group} == {id(p) for p in model.image_projection.parameters()}
+    assert (result["phase"], result["epoch"]) != (0, 0)  # the selected state is a trained one
+    fresh = build_model(cfg.model, text_dim=TEXT_DIM, image_size=8, seed=0)
+    assert not torch.equal(model.image_projection.projection.weight, fresh.image_projection.projection.weight)
+
+
+def test_frozen_mode_encodes_pixel_space_data_with_the_frozen_encoder():
+    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=2")
+    bundle = make_bundle()
+    pixel_phase = real_phase(bundle, torch.arange(20), "pixel")
+    encoder = build_model(cfg.model, text_dim=TEXT_DIM, image_size=8, seed=5).frozen_image_encoder
+    with torch.no_grad():
+        feature_phase = {**pixel_phase, "images": encoder(pixel_phase["images"]), "space": "feature"}
+    from_pixels = train_and_test(cfg, bundle, [pixel_phase], seed=5)
+    assert without_time(from_pixels) == without_time(train_and_test(cfg, bundle, [feature_phase], seed=5))
+
+
+def test_training_targets_are_blocks_of_the_learned_similarity(monkeypatch):
+    cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=2", "evaluate.batch_size=6")
+    bundle = make_bundle()
+    phase = {**real_phase(bundle, torch.arange(10)), "similarity": "full",
+             "sim_full": torch.rand(10, 10, generator=torch.Generator().manual_seed(0))}
+    seen = []
+    monkeypatch.setitem(evaluate.LOSSES, cfg.distill.loss, lambda logits, target: seen.append(target) or logits.mean())
+    train_and_test(cfg, bundle, [phase], seed=0)
+    assert len(seen) == 4  # two epochs of ceil(10 / 6) batches
+    for target in seen:
+        assert target.shape == (6, 6)
+        rows = [int((phase["sim_full"] == target[i, i]).nonzero()[0, 0]) for i in range(6)]  # diagonal -> index
+        torch.testing.assert_close(target, phase["sim_full"][rows][:, rows])
+
+
+@pytest.mark.parametrize("schedule", ["per-phase", "global"])
+def test_lr_schedule_restarts_per_phase_unless_global(recording_sgd, schedule):
+    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=4", "evaluate.lr_milestones=[2]",
+                   f"evaluate.lr_schedule={schedule}")
+    bundle = make_bundle()
+    phases = [real_phase(bundle, torch.arange(10), lr=0.1, lr_txt=0.05),
+              real_phase(bundle, torch.arange(10, 20), lr=0.2, lr_txt=0.4)]  # one batch per epoch
+    train_and_test(cfg, bundle, phases, seed=0)
+    lrs = [lr for sgd in recording_sgd.instances for step in sgd.lrs for lr in step]  # (img, txt) per step
+    second = [0.2, 0.4] * 2 + [0.02, 0.04] * 2 if schedule == "per-phase" else [0.02, 0.04] * 4
+    assert lrs == pytest.approx([0.1, 0.05] * 2 + [0.01, 0.005] * 2 + second)
+
+
+def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch):
+    bundle = make_bundle(sizes=(40, 30, 40))
+    scripts = {"validation": [1, 9, 3, 2, 4], "test": [5, 1, 2, 8, 3]}
+    calls = []
+
+    def fake_metrics(sim, img2txt, txt2img):
+        name = "validation" if len(img2txt) == 30 else "test"
+        score = scripts[name][sum(c[0] == name for c in calls)]
+        calls.append((name, float(sim.double().sum())))
+        return {m: float(score) for m in METRICS}
+
+    monkeypatch.setattr(evaluate, "retrieval_metrics", fake_metrics)
+    phases = [real_phase(bundle, torch.arange(0, 20)), real_phase(bundle, torch.arange(20, 40))]
+    overrides = ["evaluate.epochs=4", "evaluate.eval_every=2"]  # checkpoints (0,0) (0,2) (0,4) (1,2) (1,4)
+
+    reference = train_and_test(make_cfg(*overrides, "evaluate.protocol=reference"), bundle, phases, seed=0)
+    assert (reference["phase"], reference["epoch"], reference["test"]["r_mean"]) == (1, 2, 8)
+    assert reference["val"]["r_mean"] == 2
+    test_sums = [s for name, s in calls if name == "test"]
+
+    calls.clear()
+    chosen = train_and_test(make_cfg(*overrides), bundle, phases, seed=0)
+    assert (chosen["phase"], chosen["epoch"], chosen["val"]["r_mean"]) == (0, 2, 9)
+    assert [c["val_r_mean"] for c in chosen["curve"]] == scripts["validation"]
+    tests = [s for name, s in calls if name == "test"]
+    assert tests == [test_sums[1]]  # one test evaluation, of the restored checkpoint (0, 2)
+
+    assert evaluate.summarize_runs([reference], "reference")["protocol"] == "reference (selected on test)"
+
+
+def test_training_on_real_pairs_beats_an_untrained_student():
+    cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "distill.phases.0.pairs=40",
+                   "distill.phases.1.pairs=40", "distill.lr_init=0.5")
+    bundle = make_bundle(same_eval=True)  # validation and test are the training split
+    phases = coreset_phases(cfg, bundle, "random", None, seed=0)
+    result = train_and_test(cfg, bundle, phases, seed=0)
+    untrained = result["curve"][0]["val_r_mean"]
+    assert result["test"]["r_mean"] > untrained + 20
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_random_coreset_has_the_budget_of_distinct_real_pairs(frozen):
+    cfg = make_cfg(frozen=frozen)
+    bundle = make_bundle()
+    (phase,) = coreset_phases(cfg, bundle, "random", None, seed=1)
+    captions = phase["captions"]
+    assert len(captions) == len(set(captions.tolist())) == 20  # shapes-tiny: two phases of 10 pairs
+    image_ids = torch.tensor(bundle.splits["train"].txt2img)[captions]
+    expected = bundle.features["train"] if frozen else bundle.normalize(bundle.pixels["train"])
+    torch.testing.assert_close(phase["images"], expected[image_ids])
+    torch.testing.assert_close(phase["texts"], bundle.texts["train"][captions])
+    assert phase["similarity"] == "identity" and not any(k.startswith("sim_") and torch.is_tensor(v)
+                                                         for k, v in phase.items())
+    assert phase["lr_img"].item() == phase["lr_txt"].item() == pytest.approx(cfg.distill.lr_init)
+    assert torch.equal(coreset_phases(cfg, bundle, "random", None, seed=1)[0]["captions"], captions)
+
+
+class FakeStore:
+    """Expert 0 of an ExpertStore: snapshot e is a fresh student with seed e."""
+
+    epochs = 3
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def snapshot(self, expert, epoch):
+        return build_model(self.cfg.model, text_dim=TEXT_DIM, image_size=8, seed=epoch).get_flat()
+
+
+@pytest.mark.parametrize("method", ["herding", "kcenter", "forgetting"])
+def test_model_based_coresets_select_distinct_pairs(monkeypatch, method):
+    cfg = make_cfg(frozen=False)
+    monkeypatch.setattr(evaluate, "ExpertStore", lambda folder: FakeStore(cfg))
+    (phase,) = coreset_phases(cfg, make_bundle(), method, "experts", seed=0)
+    assert len(set(phase["captions"].tolist())) == 20
+
+
+def test_forgetting_history_marks_top1_text_to_image_retrievals():
+    cfg = make_cfg()
+    bundle = make_bundle()
+    history = evaluate._correct_history(cfg, bundle, FakeStore(cfg), torch.device("cpu"))
+    assert history.dtype == torch.bool and history.shape == (3, 80)
+    model = evaluate._full_data_model(cfg, bundle, FakeStore(cfg), 2, "cpu").eval()
+    with torch.no_grad():
+        sim = model(bundle.features["train"], bundle.texts["train"])
+    torch.testing.assert_close(history[1], sim.argmax(0) == torch.tensor(bundle.splits["train"].txt2img))
+
+
+def test_diverged_run_stops_with_finite_results():
+    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=2")
+    bundle = make_bundle()
+    bad = real_phase(bundle, torch.arange(10))
+    bad["texts"] = bad["texts"].clone()
+    bad["texts"][0] = float("nan")
+    result = train_and_test(cfg, bundle, [real_phase(bundle, torch.arange(10, 20)), bad], seed=0)
+    assert result["diverged"] and result["phase"] == 0
+    assert all(math.isfinite(v) for v in result["test"].values())
+
+
+def test_cross_architecture_needs_pixel_space():
+    bundle = make_bundle()
+    with pytest.raises(UserError, match="pixel-space"):
+        train_and_test(make_cfg(), bundle, [real_phase(bundle, torch.arange(10))], seed=0,
+                       image_encoder="timm:resnet18")
+
+
+def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, capsys):
+    cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=1")
+    bundle = make_bundle()
+    phases = [real_phase(bundle, torch.arange(10)), real_phase(bundle, torch.arange(10, 20))]
+    monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
+    monkeypatch.setitem(sys.modules, "mmdistill.distill", types.SimpleNamespace(load_synthetic=lambda d: phases))
+    synthetic = tmp_path / "syn"
+    synthetic.mkdir()
+    for method in ("ptm-st", "lors"):
+        (synthetic / "meta.json").write_text(json.dumps({"method": method}))
+        evaluate_command(cfg, synthetic, tmp_path / "out")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["preset"] == "shapes-tiny" and results["dataset"] == "shapes"
+    assert (results["pairs"], results["seed"]) == (20, 0) and results["timing"]["evaluate_s"] > 0
+    assert list(results["methods"]) == ["ptm-st", "lors"]
+    entry = results["methods"]["lors"]
+    assert {*METRICS, "r_mean_std", "runs", "std", "protocol"} <= set(entry)
+    assert entry["runs"] == 2 and set(entry["std"]) == set(METRICS) and entry["protocol"].startswith("val")
+    assert entry["r_mean"] == pytest.approx(sum(r["test"]["r_mean"] for r in entry["per_run"]) / 2)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("lors") and printed[-2].startswith("ptm-st")
+
+    with pytest.raises(UserError, match="another preset"):
+        evaluate_command(make_cfg("evaluate.epochs=2", "seed=5"), synthetic, tmp_path / "out")
+
+
+def test_full_data_metrics_reads_the_expert_summary(tmp_path):
+    test = {m: float(i) for i, m in enumerate(METRICS)}
+    (tmp_path / "summary.json").write_text(json.dumps({"experts": 4, "test": test,
+                                                        "test_std": {m: 0.5 for m in METRICS}}))
+    entry = full_data_metrics(tmp_path)
+    assert {m: entry[m] for m in METRICS} == test
+    assert (entry["runs"], entry["r_mean_std"], entry["std"]["IR@1"]) == (4, 0.5, 0.5)
+    with pytest.raises(UserError, match="not found"):
+        full_data_metrics(tmp_path / "missing")
