@@ -1,0 +1,253 @@
+"""`run`, `demo`, `ablate` and `bench quality`: the stages end to end, each reused while its inputs are unchanged.
+
+Output folder:
+    experts/                 expert trajectories, shared by every command on the folder
+    distilled/               the preset method's phases, checkpoints/ inside
+    ablation/<name>/         one distillation per Table 4 variant (ablate)
+    methods/<name>/          the other engine methods (bench quality)
+    stages.json              per stage: fingerprint, finished or not, version, result
+    results.json             the evaluated methods and the wall time per stage
+    report.md, report.html, figures/ (run); ablation.md, quality.md + bar charts (ablate, bench quality)
+
+A stage's fingerprint hashes the config sections it reads and the versions of the stages it reads from. It is
+skipped when a finished record has the same fingerprint and its outputs exist; otherwise its stale outputs are
+deleted and it runs, under a new version, so everything downstream runs too. With `resume`, an unfinished stage
+with the same fingerprint continues from its files (finished experts, distillation checkpoints) instead.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from .config import ABLATION, METHODS, load_config, to_dict, with_method
+from .coresets import CORESETS
+from .errors import UserError
+from .io import write_json
+from .report import write_report, write_table_report
+
+STAGES = ("prepare", "experts", "distill", "evaluate", "report")
+QUALITY = ("mtt-vl", "lors", "ptm-st", "ptm-st+blend", *CORESETS, "full")
+CURVE_POINTS = 4  # intermediate snapshots per phase evaluated for the recall curve (1 run each)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sections(cfg, *names: str) -> dict:
+    raw = to_dict(cfg)
+    return {name: raw[name] for name in names}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class Ledger:
+    """stages.json: what each stage was computed from, so unchanged stages are reused and stale ones redone."""
+
+    def __init__(self, out: Path, resume: bool = False):
+        self.path = out / "stages.json"
+        self.resume = resume
+        try:
+            self.records = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except json.JSONDecodeError as err:
+            raise UserError(f"corrupt {self.path} (line {err.lineno}): delete it to recompute every stage") from None
+        self.seconds: dict[str, float] = {}  # per stage group ("distill", "evaluate", ...) in this call
+        self.reused: dict[str, bool] = {}
+
+    def _save(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        write_json(self.records, self.path)
+
+    def stage(self, key: str, inputs, fn: Callable[[bool], object], owns=(), needs=()) -> dict:
+        """Run `fn(resume)` unless the finished record of `key` was made from the same inputs; return the record.
+
+        `owns`: paths deleted before a fresh run; `needs`: files that must exist to reuse the record. The record
+        keeps fn's JSON result and a version that the fingerprints of downstream stages include.
+        """
+        fingerprint = _digest(inputs)
+        old = self.records.get(key, {})
+        same = old.get("fingerprint") == fingerprint
+        start = time.perf_counter()
+        reused = same and old.get("done", False) and all(Path(p).exists() for p in needs)
+        if not reused:
+            resume = self.resume and same
+            self._save(key, {"fingerprint": fingerprint, "done": False})  # stale from here on, even if interrupted
+            if not resume:
+                for path in owns:
+                    _remove(Path(path))
+            result = fn(resume)
+            version = _digest([fingerprint, time.time_ns()])
+            self._save(key, {"fingerprint": fingerprint, "done": True, "version": version,
+                             "seconds": round(time.perf_counter() - start, 3), "result": result})
+        seconds = time.perf_counter() - start
+        group = key.split()[0]
+        self.seconds[group] = self.seconds.get(group, 0.0) + seconds
+        self.reused[group] = self.reused.get(group, True) and reused
+        print(f"{key:<28} {seconds:8.1f} s  {'reused' if reused else 'done'}", flush=True)
+        return self.records[key]
+
+    def timing(self) -> dict:
+        """results.json's timing: seconds per stage in this call, and the stages that were all reused."""
+        timing = {f"{s}_s": round(self.seconds[s], 3) for s in STAGES if s in self.seconds}
+        timing["reused"] = [s for s in STAGES if self.reused.get(s)]
+        return timing
+
+
+@dataclass
+class Study:
+    """What the results rows of every command share: config, folder, ledger, prepared data and experts.
+
+    A method name has one distillation folder and one stage key per output folder, so `run`, `ablate` and
+    `bench quality` on the same folder reuse each other's rows (the preset's method, random, full)."""
+
+    cfg: DictConfig
+    out: Path
+    ledger: Ledger
+    bundle: Callable  # -> Prepared, built on first use (the feature cache makes it cheap)
+    experts: str  # version of the experts stage
+
+    def distill_dir(self, name: str) -> Path:
+        if name == self.cfg.distill.method:
+            return self.out / "distilled"
+        return self.out / ("ablation" if name in ABLATION else "methods") / name
+
+    def row(self, name: str) -> dict:
+        """One results row, the same way for every command: distil an engine method (reused when unchanged),
+        then evaluate it, a coreset or the full-data experts with one protocol and the same seeds.
+
+        Returns the evaluation stage's record ("result": the results.json entry, "version")."""
+        from .distill import distill, load_synthetic, plan_phases
+        from .evaluate import coreset_phases, evaluate_phases, full_data_metrics
+
+        cfg, experts_dir = self.cfg, self.out / "experts"
+        upstream = self.experts
+        if name in METHODS:
+            cfg = cfg if name == cfg.distill.method else with_method(cfg, name)
+            target = self.distill_dir(name)
+            needs = [target / "meta.json"] + [target / f"phase-{p}.safetensors" for p in range(len(plan_phases(cfg)))]
+            upstream = self.ledger.stage(f"distill {name}", [_sections(cfg, "distill"), upstream],
+                                         lambda resume: distill(cfg, experts_dir, target, resume=resume),
+                                         owns=[target], needs=needs)["version"]
+
+        def evaluate(resume: bool) -> dict:
+            if name == "full":
+                return full_data_metrics(experts_dir)
+            if name in METHODS:
+                phases = load_synthetic(target)
+                _recall_curve(cfg, self.bundle(), target, phases)
+            else:
+                phases = coreset_phases(cfg, self.bundle(), name, experts_dir, cfg.seed)
+            return evaluate_phases(cfg, self.bundle(), phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+
+        return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream],
+                                 evaluate)
+
+
+def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
+    """target/recall_curve.json: r_mean (1 run) after the earlier phases plus an intermediate snapshot of a phase.
+
+    Only when the distillation kept snapshots (snapshots/phase-<p>-<iteration>.safetensors); at most
+    CURVE_POINTS per phase, spread over the iterations, so the curve stays a small part of the evaluation.
+    """
+    from .distill import load_phase
+    from .evaluate import evaluate_phases
+
+    found: dict[int, list[tuple[int, Path]]] = {}
+    for path in (target / "snapshots").glob("phase-*-*.safetensors"):
+        _, phase, iteration = path.stem.split("-")
+        found.setdefault(int(phase), []).append((int(iteration), path))
+    if not found:
+        return
+    curve = []
+    for phase, snapshots in sorted(found.items()):
+        snapshots.sort()
+        if len(snapshots) > CURVE_POINTS:
+            snapshots = [snapshots[round(i * (len(snapshots) - 1) / (CURVE_POINTS - 1))] for i in range(CURVE_POINTS)]
+        for iteration, path in snapshots:
+            entry = evaluate_phases(cfg, bundle, phases[:phase] + [load_phase(path)], runs=1, seed=cfg.seed)
+            curve.append({"phase": phase, "iteration": iteration, "r_mean": entry["r_mean"]})
+    write_json(curve, target / "recall_curve.json")
+
+
+def _open(cfg, out: Path, resume: bool = False) -> Study:
+    """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
+    from .experts import train_experts
+    from .prepare import prepare
+
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out, resume)
+    bundle = functools.cache(functools.partial(prepare, cfg))
+    prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
+    experts = ledger.stage("experts", [_sections(cfg, "seed", "experts"), prepared["version"]],
+                           lambda resume: train_experts(cfg, out / "experts"),
+                           owns=[out / "experts"], needs=[out / "experts" / "summary.json"])
+    return Study(cfg, out, ledger, bundle, experts["version"])
+
+
+def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], write: Callable[[dict], None]) -> dict:
+    """Report stage `key` (reused when no row changed), then results.json with the timing of every stage."""
+    from .evaluate import format_table
+
+    cfg, out = study.cfg, study.out
+    results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(p.pairs for p in cfg.distill.phases),
+               "seed": cfg.seed, "methods": {name: row["result"] for name, row in rows.items()},
+               "timing": study.ledger.timing()}
+    study.ledger.stage(key, [cfg.name, [row["version"] for row in rows.values()]], lambda resume: write(results),
+                       owns=outputs, needs=outputs)
+    results["timing"] = study.ledger.timing()
+    write_json(results, out / "results.json")
+    print(format_table(results["methods"]))
+    print(f"results: {out / 'results.json'}; report: {outputs[0]}")
+    return results
+
+
+def run(cfg, out: Path, resume: bool = False) -> dict:
+    """prepare -> experts -> distill -> evaluate (the preset's method and baselines) -> report."""
+    out = Path(out)
+    study = _open(cfg, out, resume)
+    rows = {name: study.row(name) for name in dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines])}
+    outputs = [out / "report.html", out / "report.md", out / "figures"]
+    return _finish(study, rows, "report", outputs, lambda results: write_report(out, results))
+
+
+def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
+    """`run` on the embedded default (shapes-100: ptm-st vs a random coreset vs full data), with a summary."""
+    start = time.perf_counter()
+    cfg = load_config("shapes-100", [f"device={device}"] if device else [])
+    results = run(cfg, Path(out))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; open {Path(out) / 'report.html'} in a browser")
+    return results
+
+
+def _compare(cfg, out: Path, page: str, names, title: str) -> dict:
+    """Every named method on the same experts, protocol and seeds: results.json + <page>.md + bar chart."""
+    out = Path(out)
+    study = _open(cfg, out)
+    rows = {name: study.row(name) for name in names}
+    markdown, chart = out / f"{page}.md", out / f"{page}.png"
+    return _finish(study, rows, f"report {page}", [markdown, chart],
+                   lambda results: write_table_report(markdown, title, results, chart))
+
+
+def ablate(cfg, out: Path) -> dict:
+    """The paper's Table 4: PTM-ST with phases, shortcut and EMA switched on and off."""
+    return _compare(cfg, out, "ablation", ABLATION, f"Ablation of PTM-ST components ({cfg.name})")
+
+
+def bench_quality(cfg, out: Path | None = None) -> dict:
+    """All engine methods, coresets and the full data side by side."""
+    out = Path(out) if out else Path("runs") / f"quality-{cfg.name}"
+    return _compare(cfg, out, "quality", QUALITY, f"Quality benchmark ({cfg.name})")

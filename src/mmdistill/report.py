@@ -1,0 +1,435 @@
+"""Reports: results tables (Markdown, HTML) and the figures of a run.
+
+`write_report(run_dir, results)` reads what the stages left in `run_dir` (distilled/history.jsonl, the phase
+files, image grids and captions, an optional recall curve) and writes `report.md`, a self-contained
+`report.html` (figures inlined as base64 PNG, CSS inline, nothing fetched) and the PNGs in `figures/`.
+Plots that need missing inputs are left out and the report says why.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .evaluate import METRICS  # noqa: E402
+from .io import write_text  # noqa: E402
+
+STAGES = ("prepare", "experts", "distill", "evaluate", "report")
+REFERENCE = "full"  # the full-data upper bound: shown, but not in the competition for the best cell
+BASELINES = ("random", "herding", "kcenter", "forgetting", "full")
+
+# One colour per method everywhere: distilled methods in saturated colours, coresets in greys, full data green.
+COLOURS = {"ptm-st": "#1f5fa8", "ptm-st+blend": "#3a9bd9", "lors": "#e07b1a", "mtt-vl": "#c0392b",
+           "random": "#9a9a9a", "herding": "#7a7a7a", "kcenter": "#5c5c5c", "forgetting": "#b8b0a4",
+           "full": "#2e8b57"}
+PHASE_COLOURS = ("#1f5fa8", "#e07b1a", "#2e8b57", "#8e44ad", "#c0392b", "#16a085")
+CAPTION_ROWS = 12
+
+
+def colour(name: str) -> str:
+    """Fixed colour of a method; ablation variants get darker blues the more components they switch on."""
+    if name in COLOURS:
+        return COLOURS[name]
+    parts = [p for p in name.split("+") if p in ("ptm", "st", "ema")]
+    return matplotlib.colors.to_hex(plt.cm.Blues(0.35 + 0.2 * len(parts)))
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def _mean_std(entry: dict, metric: str) -> tuple[float, float | None]:
+    std = entry.get("std", {}).get(metric)
+    if metric == "r_mean":
+        std = entry.get("r_mean_std", std)
+    return entry[metric], std
+
+
+def _cell(entry: dict, metric: str) -> str:
+    mean, std = _mean_std(entry, metric)
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def best_methods(methods: dict) -> dict[str, set[str]]:
+    """Per metric, the method(s) with the highest mean, the full-data reference excluded."""
+    best = {}
+    for metric in METRICS:
+        scores = {name: entry[metric] for name, entry in methods.items() if name != REFERENCE}
+        top = max(scores.values(), default=None)
+        best[metric] = {name for name, score in scores.items() if score == top}
+    return best
+
+
+def markdown_table(methods: dict) -> str:
+    """Mean ± std per metric, best per column (full data excluded) in bold."""
+    best = best_methods(methods)
+    lines = ["| method | " + " | ".join(METRICS) + " | runs |", "|---" * (len(METRICS) + 2) + "|"]
+    for name, entry in methods.items():
+        cells = [f"**{_cell(entry, m)}**" if name in best[m] else _cell(entry, m) for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('runs', '')} |")
+    return "\n".join(lines)
+
+
+def _html_table(methods: dict) -> str:
+    best = best_methods(methods)
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    rows = []
+    for name, entry in methods.items():
+        cells = "".join(f"<td class=\"best\">{_cell(entry, m)}</td>" if name in best[m]
+                        else f"<td>{_cell(entry, m)}</td>" for m in METRICS)
+        swatch = f"<span class=\"swatch\" style=\"background:{colour(name)}\"></span>"
+        css = " class=\"reference\"" if name == REFERENCE else ""
+        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{entry.get('runs', '')}</td></tr>")
+    return (f"<table class=\"results\"><thead><tr><th>method</th>{head}<th>runs</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _timing_rows(results: dict) -> list[tuple[str, float, bool]]:
+    timing = results.get("timing", {})
+    reused = set(timing.get("reused", []))
+    return [(s, timing[f"{s}_s"], s in reused) for s in STAGES if f"{s}_s" in timing]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def method_bars(methods: dict, path: Path, title: str = "r_mean on the test split (mean ± std)") -> Path:
+    """Horizontal bars of r_mean ± std, one colour per method."""
+    names = list(methods)
+    means = [methods[n]["r_mean"] for n in names]
+    stds = [_mean_std(methods[n], "r_mean")[1] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(names) + 1.2))
+    ax.barh(names, means, xerr=stds, color=[colour(n) for n in names], capsize=3)
+    for y, (mean, std) in enumerate(zip(means, stds)):
+        ax.text(mean + std + 0.5, y, f"{mean:.1f}", va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.15 + 1)
+    _style(ax, title, "r_mean (%)", "")
+    ax.grid(axis="y", visible=False)
+    return _save(fig, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _by_phase(records: list[dict], value: str) -> dict[int, tuple[list[int], list[float]]]:
+    phases: dict[int, tuple[list[int], list[float]]] = {}
+    for record in records:
+        xs, ys = phases.setdefault(record["phase"], ([], []))
+        xs.append(record["iteration"])
+        ys.append(record[value])
+    return phases
+
+
+def phase_offsets(records: list[dict]) -> tuple[dict[int, int], int]:
+    """Where each phase starts on one axis of total iterations (phases back to back), and where the last ends."""
+    ends: dict[int, int] = {}
+    for record in records:
+        ends[record["phase"]] = max(ends.get(record["phase"], 0), record["iteration"] + 1)
+    offsets, total = {}, 0
+    for phase in sorted(ends):
+        offsets[phase], total = total, total + ends[phase]
+    return offsets, total
+
+
+def _phase_lines(ax, phases: dict, offsets: dict[int, int], smooth: int = 1) -> None:
+    """One line per phase on the shared iteration axis, with the phase boundaries dashed."""
+    for phase, (xs, ys) in sorted(phases.items()):
+        shifted = [offsets[phase] + x for x in xs]
+        col = PHASE_COLOURS[phase % len(PHASE_COLOURS)]
+        if smooth > 1 and len(ys) > smooth:
+            ax.plot(shifted, ys, color=col, alpha=0.25, lw=0.8)
+            kernel = torch.ones(1, 1, smooth) / smooth
+            smoothed = torch.nn.functional.conv1d(torch.tensor(ys).view(1, 1, -1), kernel).flatten()
+            ax.plot(shifted[smooth - 1:], smoothed.tolist(), color=col, lw=1.8, label=f"phase {phase}")
+        else:
+            ax.plot(shifted, ys, color=col, lw=1.8, marker="o" if len(ys) < 30 else None, ms=4, label=f"phase {phase}")
+        if offsets[phase]:
+            ax.axvline(offsets[phase], color="#888", ls="--", lw=0.8)
+
+
+def loss_curve(history: list[dict], path: Path) -> Path:
+    """Matching loss against iteration, one colour per phase (raw faint, moving average solid)."""
+    phases = _by_phase(history, "loss")
+    longest = max(len(ys) for _, ys in phases.values())
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    _phase_lines(ax, phases, phase_offsets(history)[0], smooth=max(1, longest // 20))
+    ax.legend(frameon=False, fontsize=9)
+    _style(ax, "Distillation: trajectory-matching loss", "iteration (phases back to back)", "loss")
+    return _save(fig, path)
+
+
+def recall_curve(curve: list[dict], history: list[dict], methods: dict, method: str | None, path: Path) -> Path:
+    """r_mean of students trained on intermediate synthetic sets (1 run each), the final evaluation of the
+    distilled method as a star at the end, and the baselines as dotted lines."""
+    offsets, end = phase_offsets(history or curve)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    _phase_lines(ax, _by_phase(curve, "r_mean"), offsets)
+    if method in methods:
+        entry = methods[method]
+        ax.errorbar([end], [entry["r_mean"]], yerr=[entry.get("r_mean_std", 0.0)], fmt="*", ms=11, capsize=3,
+                    color=colour(method), label=f"{method}, final ({entry.get('runs', '?')} runs)")
+    for name, entry in methods.items():
+        if name in BASELINES:
+            ax.axhline(entry["r_mean"], color=colour(name), ls=":", lw=1.2)
+            ax.annotate(name, (1.0, entry["r_mean"]), xycoords=("axes fraction", "data"), fontsize=8,
+                        color=colour(name), va="bottom", ha="right")
+    ax.legend(frameon=False, fontsize=9)
+    _style(ax, "Recall of the synthetic set during distillation", "iteration (phases back to back)", "r_mean (%)")
+    return _save(fig, path)
+
+
+def similarity_maps(matrices: list[torch.Tensor], path: Path) -> Path:
+    """Heat maps of the learned S per phase, colour range set by the off-diagonal entries (diagonal clipped)."""
+    off = torch.cat([(m - torch.diag(torch.diag(m))).flatten() for m in matrices]).abs()
+    limit = max(off.quantile(0.995).item(), 1e-3)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.4), squeeze=False,
+                             layout="constrained")
+    for phase, (ax, matrix) in enumerate(zip(axes[0], matrices)):
+        image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"phase {phase}: S ({matrix.shape[0]}×{matrix.shape[0]})", fontsize=10)
+        ax.set_xlabel("synthetic text")
+    axes[0, 0].set_ylabel("synthetic image")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
+    return _save(fig, path)
+
+
+def timing_bars(rows: list[tuple[str, float, bool]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.2, 0.4 * len(rows) + 1.1))
+    names = [f"{stage} (reused)" if reused else stage for stage, _, reused in rows]
+    ax.barh(names, [s for _, s, _ in rows], color=["#c8c8c8" if r else "#1f5fa8" for _, _, r in rows])
+    ax.invert_yaxis()
+    _style(ax, "Wall time per stage", "seconds", "")
+    ax.grid(axis="y", visible=False)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _phase_files(distilled: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in distilled.glob("phase-*.safetensors"))
+
+
+def _captions(path: Path) -> list[list]:
+    """Rows [#, nearest real caption, cosine] for the first synthetic texts ({"caption", "similarity"} records)."""
+    if not path.exists():
+        return []
+    items = json.loads(path.read_text())[:CAPTION_ROWS]
+    return [[i, item["caption"], f"{item['similarity']:.2f}"] for i, item in enumerate(items)]
+
+
+def _similarities(distilled: Path) -> list[torch.Tensor]:
+    """The learned S of each phase; empty when the method learns none (identity)."""
+    from .distill import load_synthetic
+    from .similarity import full_matrix
+
+    phases = load_synthetic(distilled)
+    if not phases or phases[0]["similarity"] == "identity":
+        return []
+    return [full_matrix(p["similarity"], p, len(p["images"]), p["sim_alpha"]).float() for p in phases]
+
+
+class _Document:
+    """Collects the report's sections once and renders them as Markdown and as HTML."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def note(self, text: str) -> None:
+        self.md.append(f"{text}\n")
+        self.html.append(f"<p class=\"note\">{html.escape(text)}</p>")
+
+    def figure(self, path: Path, caption: str, css_class: str = "plot") -> None:
+        relative = path.relative_to(self.run_dir).as_posix()
+        data = base64.b64encode(path.read_bytes()).decode()
+        self.md.append(f"![{caption}]({relative})\n\n*{caption}*\n")
+        self.html.append(f"<figure class=\"{css_class}\"><img alt=\"{html.escape(caption)}\""
+                         f" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    def raw(self, markdown: str, html_text: str) -> None:
+        self.md.append(markdown + "\n")
+        self.html.append(html_text)
+
+    def table(self, header: list[str], rows: list[list], css_class: str) -> None:
+        """A plain table of text cells (escaped in HTML, pipes replaced in Markdown)."""
+        def md_row(cells):
+            return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+        def html_row(cells, tag):
+            return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+        self.md.append("\n".join([md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]) + "\n")
+        self.html.append(f"<table class=\"{css_class}\"><thead>{html_row(header, 'th')}</thead><tbody>"
+                         + "".join(html_row(r, "td") for r in rows) + "</tbody></table>")
+
+    def begin(self, css_class: str) -> None:
+        """Lay out what follows side by side in the HTML (until `end`); Markdown stays linear."""
+        self.html.append(f"<div class=\"{css_class}\">")
+
+    def end(self) -> None:
+        self.html.append("</div>")
+
+
+def _protocol_note(methods: dict) -> str:
+    """Which checkpoint selection the numbers use; the reference protocol is flagged as biased."""
+    protocols = sorted({e["protocol"] for e in methods.values() if e.get("protocol")})
+    note = f"Protocol: {'; '.join(protocols)}." if protocols else ""
+    if any(p.startswith("reference") for p in protocols):
+        note += (" The reference protocol picks the epoch on the test split (as the published code does): biased"
+                 " upward, for comparison with published numbers only.")
+    return note
+
+
+def write_report(run_dir: Path, results: dict) -> None:
+    """report.md, a self-contained report.html and figures/*.png for a finished run."""
+    run_dir = Path(run_dir)
+    figures = run_dir / "figures"
+    distilled = run_dir / "distilled"
+    methods = results["methods"]
+    doc = _Document(run_dir)
+
+    doc.heading("Retrieval on the test split")
+    doc.raw(markdown_table(methods), _html_table(methods))
+    doc.note("Mean ± std over the evaluation runs (seeds). IR = text→image, TR = image→text, recall in %. Best "
+             "per column in bold; full data is the upper reference and is not ranked. " + _protocol_note(methods))
+
+    doc.heading("Comparison and training curves")
+    doc.begin("grid")
+    doc.figure(method_bars(methods, figures / "methods.png"), "r_mean per method (mean ± std over runs)")
+    history = _read_jsonl(distilled / "history.jsonl") if (distilled / "history.jsonl").exists() else []
+    history = [record for record in history if "loss" in record]  # recovery events carry no loss
+    if history:
+        doc.figure(loss_curve(history, figures / "loss.png"),
+                   "Trajectory-matching loss per distillation iteration, one colour per phase")
+    else:
+        doc.note("No distillation history (distilled/history.jsonl) was found.")
+    curve = distilled / "recall_curve.json"
+    if curve.exists():
+        meta = distilled / "meta.json"
+        method = json.loads(meta.read_text()).get("method") if meta.exists() else None
+        doc.figure(recall_curve(json.loads(curve.read_text()), history, methods, method, figures / "recall.png"),
+                   "r_mean of students trained on intermediate synthetic snapshots, 1 run each (star: the final"
+                   " evaluation; dotted: baselines)")
+    else:
+        doc.note("Recall vs iteration: not available (the distillation kept no intermediate snapshots).")
+    doc.end()
+
+    phases = _phase_files(distilled)
+    if phases:
+        doc.heading("Synthetic set")
+        similarities = _similarities(distilled)
+        for phase in phases:
+            doc.heading(f"Phase {phase}", level=3)
+            grid = distilled / f"phase-{phase}-images.png"
+            captions = _captions(distilled / f"phase-{phase}-captions.json")
+            if not (grid.exists() or captions):
+                doc.note("No image grid or captions were saved for this phase.")
+                continue
+            doc.begin("row")
+            if grid.exists():
+                copy = figures / grid.name
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(grid, copy)
+                doc.figure(copy, f"Synthetic images of phase {phase} (EMA)", css_class="pixels")
+            if captions:
+                doc.table(["#", "nearest real caption of the synthetic text", "cosine"], captions, "captions")
+            doc.end()
+        if similarities:
+            doc.figure(similarity_maps(similarities, figures / "similarity.png"),
+                       "Learned similarity S per phase (rows: synthetic images, columns: synthetic texts); the colour"
+                       " range follows the off-diagonal entries, so the diagonal (≈1) is clipped")
+        else:
+            doc.note("The method learns no similarity matrix (S = I).")
+
+    rows = _timing_rows(results)
+    if rows:
+        doc.heading("Timing")
+        doc.begin("row")
+        doc.table(["stage", "seconds", ""], [[s, f"{t:.1f}", "reused" if r else ""] for s, t, r in rows], "timing")
+        doc.figure(timing_bars(rows, figures / "timing.png"), "Wall time per stage (grey: reused from an earlier run)")
+        doc.end()
+
+    title = f"mmdistill report: {results['preset']}"
+    subtitle = (f"dataset {results['dataset']} · {results['pairs']} synthetic pairs · seed {results['seed']} · "
+                f"{len(methods)} methods")
+    write_text(f"# {title}\n\n{subtitle}\n\n" + "\n".join(doc.md), run_dir / "report.md")
+    write_text(_HTML.format(title=html.escape(title), subtitle=html.escape(subtitle), body="\n".join(doc.html)),
+               run_dir / "report.html")
+
+
+def write_table_report(path: Path, title: str, results: dict, chart: Path) -> None:
+    """A Markdown page with one results table and its bar chart (ablation.md, quality.md)."""
+    method_bars(results["methods"], chart)
+    write_text(f"# {title}\n\n{results['preset']} · dataset {results['dataset']} · {results['pairs']} pairs · "
+               f"seed {results['seed']}\n\n{markdown_table(results['methods'])}\n\n"
+               f"{_protocol_note(results['methods'])} Mean ± std over runs; best per column in bold.\n\n"
+               f"![r_mean per method]({chart.relative_to(path.parent).as_posix()})\n", path)
+
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+  body {{ margin: 0; background: #f6f7f9; color: #1d2330; font: 15px/1.5 -apple-system, "Segoe UI", Roboto,
+         "Helvetica Neue", Arial, sans-serif; }}
+  main {{ max-width: 1040px; margin: 0 auto; padding: 32px 28px 48px; background: #fff; min-height: 100vh;
+         box-shadow: 0 0 24px rgba(0,0,0,.06); }}
+  h1 {{ margin: 0 0 4px; font-size: 26px; }}
+  .subtitle {{ margin: 0 0 24px; color: #5b6475; }}
+  h2 {{ margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid #e3e6eb; font-size: 19px; }}
+  h3 {{ margin: 24px 0 8px; font-size: 16px; color: #3a4252; }}
+  table {{ border-collapse: collapse; margin: 8px 0 12px; font-variant-numeric: tabular-nums; }}
+  th, td {{ padding: 6px 10px; border-bottom: 1px solid #eceff3; text-align: right; white-space: nowrap; }}
+  thead th {{ background: #f1f3f6; font-weight: 600; }}
+  tbody th {{ text-align: left; font-weight: 500; }}
+  thead th:first-child, td:first-child {{ text-align: left; }}
+  td.best {{ font-weight: 700; color: #0d3f7a; }}
+  tr.reference {{ color: #5b6475; font-style: italic; }}
+  .swatch {{ display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 8px; }}
+  table.captions td, table.captions th {{ text-align: left; white-space: normal; }}
+  table.captions td:first-child {{ color: #8a93a3; width: 2em; }}
+  table.captions td:last-child, table.captions th:last-child {{ text-align: right; color: #5b6475; }}
+  .note {{ color: #5b6475; font-size: 13px; max-width: 900px; }}
+  .grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 8px 24px; align-items: start; }}
+  .row {{ display: flex; flex-wrap: wrap; gap: 8px 28px; align-items: flex-start; }}
+  .row > table {{ margin-top: 16px; }}
+  figure {{ margin: 16px 0; }}
+  figure img {{ max-width: 100%; height: auto; border: 1px solid #eceff3; border-radius: 4px; }}
+  figure.pixels img {{ width: 420px; max-width: 100%; image-rendering: pixelated; }}
+  figcaption {{ color: #5b6475; font-size: 13px; margin-top: 4px; }}
+</style></head>
+<body><main>
+<h1>{title}</h1>
+<p class="subtitle">{subtitle}</p>
+{body}
+</main></body></html>
+"""

@@ -1,0 +1,132 @@
+"""Pipeline: stage reuse and resume (Ledger), and a shapes-tiny `run` end to end, reused, then partly rerun."""
+import json
+import shutil
+
+import pytest
+
+from mmdistill.config import load_config
+from mmdistill.pipeline import STAGES, Ledger, run
+
+METRIC_KEYS = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean", "r_mean_std", "runs"}
+
+
+# -- Ledger ----------------------------------------------------------------------------------------------
+def _counting_stage(ledger, key, inputs, output, calls, upstream=()):
+    def fn(resume):
+        calls.append((key, resume))
+        output.write_text("x")
+        return {"value": len(calls)}
+
+    return ledger.stage(key, [inputs, *upstream], fn, owns=[output], needs=[output])
+
+
+def test_ledger_reuses_finished_stages_and_reruns_downstream_of_a_change(tmp_path):
+    calls = []
+    for inputs in ({"a": 1}, {"a": 1}, {"a": 2}):
+        ledger = Ledger(tmp_path)
+        up = _counting_stage(ledger, "experts", inputs, tmp_path / "up.txt", calls)
+        _counting_stage(ledger, "distill", {"b": 1}, tmp_path / "down.txt", calls, [up["version"]])
+    # first call runs both, second reuses both, a changed upstream input reruns both
+    assert [key for key, _ in calls] == ["experts", "distill", "experts", "distill"]
+    assert ledger.timing()["reused"] == []
+    assert set(ledger.timing()) == {"experts_s", "distill_s", "reused"}
+
+
+def test_ledger_reruns_a_stage_whose_outputs_are_gone_and_everything_downstream(tmp_path):
+    calls = []
+    for _ in range(2):
+        ledger = Ledger(tmp_path)
+        up = _counting_stage(ledger, "experts", {}, tmp_path / "up.txt", calls)
+        _counting_stage(ledger, "distill", {}, tmp_path / "down.txt", calls, [up["version"]])
+        (tmp_path / "up.txt").unlink()
+    assert [key for key, _ in calls] == ["experts", "distill"] * 2
+
+
+def test_ledger_deletes_stale_outputs_unless_resuming_an_unfinished_stage(tmp_path):
+    seen = []
+
+    def fn(resume):
+        seen.append((resume, (tmp_path / "stale").exists()))
+
+    (tmp_path / "stale").mkdir()
+    Ledger(tmp_path).stage("distill", {"x": 1}, fn, owns=[tmp_path / "stale"])
+    interrupted = json.loads((tmp_path / "stages.json").read_text())
+    interrupted["distill"]["done"] = False
+    (tmp_path / "stages.json").write_text(json.dumps(interrupted))
+    (tmp_path / "stale").mkdir()
+    Ledger(tmp_path, resume=True).stage("distill", {"x": 1}, fn, owns=[tmp_path / "stale"])
+    Ledger(tmp_path, resume=True).stage("distill", {"x": 2}, fn, owns=[tmp_path / "stale"])
+    assert seen == [(False, False), (True, True), (False, False)]
+
+
+# -- shapes-tiny end to end ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("shapes-tiny", [f"cache_dir={cache}", "device=cpu"])
+    return cfg, cache, out, run(cfg, out)
+
+
+def test_run_writes_every_output(tiny):
+    cfg, _, out, results = tiny
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results
+    assert set(results) == {"preset", "dataset", "pairs", "seed", "methods", "timing"}
+    assert [results[k] for k in ("preset", "dataset", "pairs", "seed")] == ["shapes-tiny", "shapes", 20, 0]
+    assert list(results["methods"]) == ["ptm-st", "random", "full"]
+    for entry in results["methods"].values():
+        assert METRIC_KEYS <= set(entry)
+        assert 0.0 <= entry["r_mean"] <= 100.0
+    assert results["methods"]["ptm-st"]["runs"] == cfg.evaluate.runs
+    assert {f"{s}_s" for s in STAGES} <= set(results["timing"]) and results["timing"]["reused"] == []
+
+    assert (out / "experts" / "summary.json").exists() and list((out / "experts").glob("expert-*.safetensors"))
+    distilled = out / "distilled"
+    for p in range(2):
+        assert (distilled / f"phase-{p}.safetensors").exists()
+    assert (distilled / "meta.json").exists() and (distilled / "history.jsonl").exists()
+    assert (distilled / "checkpoints").is_dir()  # per-phase checkpoints are deleted once a phase is saved
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    assert {"methods.png", "loss.png", "timing.png"} <= {p.name for p in (out / "figures").glob("*.png")}
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in results["methods"]) and "https://" not in html
+
+
+def test_second_run_reuses_every_stage(tiny, capsys):
+    cfg, _, out, first = tiny
+    again = run(cfg, out)
+    assert again["timing"]["reused"] == list(STAGES)
+    assert again["methods"] == first["methods"]
+    assert sum(again["timing"][f"{s}_s"] for s in STAGES) < 10
+    assert capsys.readouterr().out.count("reused") >= len(STAGES)
+
+
+def test_changed_distill_key_reruns_distill_evaluate_and_report_only(tiny, tmp_path):
+    _, cache, out, first = tiny
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    experts = {p.name: p.stat().st_mtime_ns for p in (copy / "experts").iterdir()}
+    cfg = load_config("shapes-tiny", [f"cache_dir={cache}", "device=cpu", "distill.syn_steps=2"])
+    results = run(cfg, copy)
+    assert results["timing"]["reused"] == ["prepare", "experts"]
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "experts").iterdir()} == experts
+    assert json.loads((copy / "distilled" / "meta.json").read_text())["config"]["distill"]["syn_steps"] == 2
+
+
+def test_recall_curve_evaluates_kept_snapshots(tiny, tmp_path):
+    from mmdistill.distill import load_synthetic
+    from mmdistill.pipeline import _recall_curve
+    from mmdistill.prepare import prepare
+
+    cfg, _, out, _ = tiny
+    target = tmp_path / "distilled"
+    shutil.copytree(out / "distilled", target)
+    (target / "snapshots").mkdir()
+    for phase, iteration in ((0, 2), (1, 2)):  # stand-ins for intermediate EMA snapshots
+        shutil.copy(target / f"phase-{phase}.safetensors",
+                    target / "snapshots" / f"phase-{phase}-{iteration}.safetensors")
+    _recall_curve(cfg, prepare(cfg), target, load_synthetic(target))
+    curve = json.loads((target / "recall_curve.json").read_text())
+    assert [(c["phase"], c["iteration"]) for c in curve] == [(0, 2), (1, 2)]
+    assert all(0.0 <= c["r_mean"] <= 100.0 for c in curve)

@@ -1,0 +1,106 @@
+"""Report: Markdown + self-contained HTML + figures from a hand-made results.json and a fake distilled folder."""
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmdistill.io import save_tensors
+from mmdistill.report import markdown_table, write_report
+
+METHODS = ("ptm-st", "random", "full")
+
+
+def _entry(scale: float, std: float) -> dict:
+    recalls = {k: scale * f for k, f in zip(("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"),
+                                            (0.4, 1.0, 1.4, 0.5, 1.1, 1.5))}
+    return {**recalls, "r_mean": sum(recalls.values()) / 6, "r_mean_std": std, "std": {k: std for k in recalls},
+            "runs": 2, "protocol": "val (selected on validation)"}
+
+
+def _fake_phase(path: Path, pairs: int, gen: torch.Generator) -> None:
+    sim = torch.eye(pairs) + 0.05 * torch.randn(pairs, pairs, generator=gen)
+    save_tensors({"images": torch.randn(pairs, 3, 8, 8, generator=gen), "texts": torch.randn(pairs, 16, generator=gen),
+                  "sim_full": sim, "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}, path,
+                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0})})  # distill.load_phase
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    distilled = tmp_path / "distilled"
+    distilled.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for phase in range(2):
+        _fake_phase(distilled / f"phase-{phase}.safetensors", 6, gen)
+        Image.new("RGB", (48, 24), (200, 40, 40)).save(distilled / f"phase-{phase}-images.png")
+        captions = [{"caption": f"a red circle {i}", "caption_id": i, "similarity": 0.9} for i in range(6)]
+        (distilled / f"phase-{phase}-captions.json").write_text(json.dumps(captions))
+        history += [{"phase": phase, "iteration": i, "loss": 1.0 / (i + 1), "lr_img": 0.1, "lr_txt": 0.1,
+                     "seconds": 0.1} for i in range(30)]
+        history.append({"phase": phase, "event": "recovery", "iteration": 3})
+    (distilled / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    write_report(tmp_path, _results())
+    return tmp_path
+
+
+def _results() -> dict:
+    return {"preset": "shapes-tiny", "dataset": "shapes", "pairs": 12, "seed": 0,
+            "methods": {"ptm-st": _entry(30, 1.0), "random": _entry(15, 0.5), "full": _entry(45, 0.2)},
+            "timing": {"prepare_s": 1.0, "experts_s": 2.0, "distill_s": 3.0, "evaluate_s": 4.0, "reused": ["prepare"]}}
+
+
+def test_report_writes_markdown_html_and_figures(run_dir):
+    figures = {p.name for p in (run_dir / "figures").glob("*.png")}
+    assert {"methods.png", "loss.png", "similarity.png", "timing.png", "phase-0-images.png",
+            "phase-1-images.png"} <= figures
+    assert "recall.png" not in figures  # no recall_curve.json: no plot, and the report says so
+    md = (run_dir / "report.md").read_text()
+    assert "# mmdistill report: shapes-tiny" in md and "not available" in md
+    assert "a red circle 0" in md and "figures/loss.png" in md
+    for name in METHODS:
+        assert f"| {name} |" in md
+
+
+def test_html_is_self_contained_and_lists_every_method(run_dir):
+    html = (run_dir / "report.html").read_text()
+    assert not re.search(r"https?://", html)
+    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "url(" not in html and "@import" not in html
+    for name in METHODS:
+        assert f"{name}</th>" in html
+
+
+def test_best_cell_is_bold_and_full_data_is_not_ranked():
+    table = markdown_table(_results()["methods"])
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert rows["ptm-st"].count("**") == 2 * 7 and "**" not in rows["random"] and "**" not in rows["full"]
+    assert "30.0 ± 1.0" in rows["ptm-st"]
+
+
+def test_recall_curve_is_plotted_when_the_pipeline_measured_it(run_dir):
+    curve = [{"phase": p, "iteration": i, "r_mean": 10.0 + p + i / 10} for p in range(2) for i in (0, 10, 29)]
+    (run_dir / "distilled" / "recall_curve.json").write_text(json.dumps(curve))
+    write_report(run_dir, _results())
+    assert (run_dir / "figures" / "recall.png").exists()
+    assert "not available" not in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")
+def test_html_renders_in_headless_chromium(run_dir):
+    screenshot = run_dir / "screenshot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", f"--screenshot={screenshot}", "--window-size=1280,1600",
+                        (run_dir / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    image = Image.open(screenshot).convert("L")
+    assert image.size == (1280, 1600)
+    low, high = image.getextrema()
+    assert high - low > 100  # text and figures on the page, not a blank screen
