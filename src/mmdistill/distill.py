@@ -1,0 +1,499 @@
+"""Stage 4: distil the phases of a preset from expert trajectories (PTM-ST's Algorithm 1 and its ablations).
+
+Every method is this one loop with other switches (config.METHODS): phases or one merged phase, shortcut or
+plain expert windows, EMA or none, identity / full / low-rank S, blending, and the gradient mode.
+
+Outputs in OUT:
+- phase-<p>.safetensors: the phase's EMA state (images, texts, similarity parameters, lr_img, lr_txt) and its
+  metadata; phase-<p>-images.png, phase-<p>-captions.json (nearest real caption of each synthetic text);
+- meta.json (method, config, seed, iterations and recoveries per phase, version, git commit), history.jsonl;
+- checkpoints/phase-<p>.pt while a phase runs. All randomness of iteration k of phase p comes from
+  generator(seed, "iter", p, k, sample), so `resume` continues bit-identically on CPU from any checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
+from torch.optim import SGD
+from tqdm.auto import tqdm
+
+from . import __version__, distributed
+from .config import PhaseConfig, from_dict, to_dict
+from .errors import UserError
+from .evaluate import _pixels01  # test-transformed pixels of chosen images, in memory or decoded from files
+from .io import atomic_path, save_tensors, write_json
+from .losses import LOSSES
+from .matching import LR_KEYS, InnerPlan, matching_gradient
+from .model import build_model
+from .similarity import init_similarity
+from .trajectory import matching_pair
+from .utils import derive_seed, generator, resolve_device
+
+LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
+GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
+
+
+def plan_phases(cfg) -> list[PhaseConfig]:
+    """The phases the method runs: one merged phase without `use_phases`, plain expert windows without
+    `use_shortcut`."""
+    dc = cfg.distill
+    phases = [PhaseConfig(**OmegaConf.to_container(p)) for p in dc.phases]
+    if not dc.use_phases:
+        ends = [p.shortcut_end for p in phases]
+        phases = [PhaseConfig(pairs=sum(p.pairs for p in phases), iterations=sum(p.iterations for p in phases),
+                              start_epochs=[min(p.start_epochs[0] for p in phases),
+                                            max(p.start_epochs[1] for p in phases)],
+                              shortcut_end=None if None in ends else max(ends))]
+    if not dc.use_shortcut:
+        phases = [dataclasses.replace(p, shortcut_end=None) for p in phases]
+    return phases
+
+
+class SyntheticSet:
+    """One phase's learnable variables (images, texts, S parameters, student lrs) with their SGD and EMA.
+
+    `gradient_step` remembers the state it started from: the last state whose loss and gradients were finite,
+    which `rollback` returns to when a later loss, gradient or update is not.
+    """
+
+    def __init__(self, syn: dict[str, torch.Tensor], dc):
+        self.dc = dc
+        self.syn = {k: v.detach().clone().requires_grad_() for k, v in syn.items()}
+        self.ema = {k: v.detach().clone() for k, v in syn.items()}
+        self.decay = dc.ema_decay if dc.use_ema else 0.0  # decay 0: the "EMA" is the live state
+        self.base_lrs = {"images": dc.lr_images, "texts": dc.lr_texts, "sim": dc.lr_sim, "lr": dc.lr_lr}
+        groups = {}
+        for name, tensor in self.syn.items():
+            groups.setdefault(GROUP_OF.get(name, "sim"), []).append(tensor)
+        self.optimizer = SGD([{"params": params, "lr": self.base_lrs[g], "name": g} for g, params in groups.items()],
+                             momentum=dc.momentum)
+        self.iteration, self.lr_factor, self.recoveries = 0, 1.0, []
+        self.good = self.snapshot()
+
+    def snapshot(self) -> dict:
+        """Everything a rollback or a resume restores (not the lr factor or the recoveries: they only grow)."""
+        return {"iteration": self.iteration, "syn": {k: v.detach().clone() for k, v in self.syn.items()},
+                "ema": {k: v.clone() for k, v in self.ema.items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def restore(self, snapshot: dict) -> None:
+        self.iteration = snapshot["iteration"]
+        with torch.no_grad():
+            for k, v in self.syn.items():
+                v.copy_(snapshot["syn"][k])
+        self.ema = {k: v.clone().to(self.ema[k]) for k, v in snapshot["ema"].items()}
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))  # SGD would alias its buffers
+        for group in self.optimizer.param_groups:
+            scaled = group["name"] != "lr"  # NaN recovery slows the data, not the learned lrs
+            group["lr"] = self.base_lrs[group["name"]] * (self.lr_factor if scaled else 1.0)
+
+    def gradient_step(self, grads: dict[str, torch.Tensor]) -> None:
+        """One SGD step on the synthetic variables; the learned lrs are kept positive."""
+        self.good = self.snapshot()
+        for k, v in self.syn.items():
+            v.grad = grads[k].to(v)
+        self.optimizer.step()
+        with torch.no_grad():
+            for key in LR_KEYS.values():
+                self.syn[key].clamp_(min=LR_MIN)
+
+    def ema_update(self) -> None:
+        """EMA from the initial values, every step, no bias correction (ModelEmaV2, spec 5.7)."""
+        for k, v in self.syn.items():
+            self.ema[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+
+    def finite(self) -> bool:
+        return all(torch.isfinite(v).all() for v in self.syn.values())
+
+    def rollback(self, p: int, failed: int) -> None:
+        """Back to the last good state with the data lrs halved; a clear error once the retries are spent."""
+        if len(self.recoveries) >= self.dc.max_retries:
+            raise UserError(f"phase {p}: loss or gradient not finite at iteration {failed} after"
+                            f" {self.dc.max_retries} recoveries (each halving lr_images, lr_texts, lr_sim); lower"
+                            " distill.lr_images / distill.lr_texts / distill.lr_sim or raise distill.max_retries")
+        self.lr_factor /= 2
+        self.recoveries.append({"iteration": failed, "restart": self.good["iteration"], "lr_factor": self.lr_factor})
+        self.restore(self.good)
+
+    def checkpoint(self) -> dict:
+        return {**self.good, "lr_factor": self.lr_factor, "recoveries": self.recoveries}
+
+    def load_checkpoint(self, state: dict) -> None:
+        self.lr_factor, self.recoveries = state["lr_factor"], state["recoveries"]
+        self.restore(state)
+        self.good = self.snapshot()
+
+
+class Distiller:
+    """The student (built once), the experts and the real data, shared by every phase."""
+
+    def __init__(self, cfg, store, bundle, device: torch.device):
+        self.cfg, self.store, self.bundle, self.device = cfg, store, bundle, device
+        self.model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size,
+                                 seed=derive_seed(cfg.seed, "student"), device=device).train()
+        if store.layouts != self.model.layouts:
+            raise UserError(f"the experts in {store.folder} were trained for another student than this config's"
+                            f" ({cfg.model.image_encoder}, image_trainable={cfg.model.image_trainable}); train"
+                            " experts with the same preset and model settings")
+        dc = cfg.distill
+        self.blend = dc.blend.alpha if dc.blend.enabled else None
+        self.options = {"loss_fn": LOSSES[dc.loss], "sim_kind": dc.similarity, "sim_alpha": dc.sim_alpha,
+                        "mode": dc.gradient, "merge_branches": dc.merge_loss_branches}
+
+    def init_synthetic(self, p: int, phase: PhaseConfig) -> dict[str, torch.Tensor]:
+        """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init."""
+        dc, gen = self.cfg.distill, generator(self.cfg.seed, "init", p)
+        split = self.bundle.splits["train"]
+        captions = torch.randperm(len(split.captions), generator=gen)[:phase.pairs]
+        image_ids = torch.tensor(split.txt2img)[captions]
+        if dc.space == "feature":
+            images = self.bundle.features["train"][image_ids]
+        else:
+            images = self.bundle.normalize(_pixels01(self.bundle, "train", self.cfg.data.image_size, image_ids))
+        texts = self.bundle.texts["train"][captions]
+        if dc.init == "noise":
+            images = torch.randn(images.shape, generator=gen)
+            texts = torch.randn(texts.shape, generator=gen)
+        lr = torch.tensor([dc.lr_init])
+        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, dc.sim_rank, gen),
+               "lr_img": lr, "lr_txt": lr.clone()}
+        return {k: v.float().to(self.device) for k, v in syn.items()}
+
+    def sample_start_epoch(self, p: int, phase: PhaseConfig, sample: int, gen: torch.Generator) -> tuple[int, int]:
+        """The next expert of a seeded shuffle (a new shuffle per pass over the experts), start s ~ U[min, max)."""
+        cycle, position = divmod(sample, len(self.store))
+        order = torch.randperm(len(self.store), generator=generator(self.cfg.seed, "experts", p, cycle))
+        low, high = phase.start_epochs
+        return int(order[position]), int(torch.randint(low, high, (1,), generator=gen))
+
+    def iteration(self, state: SyntheticSet, p: int, phase: PhaseConfig) -> float | None:
+        """Algorithm 1, lines 6-10, on `trajectories_per_iter` samples (split over the ranks, gradients averaged).
+        None when the loss, a gradient or the update is not finite: the caller rolls back."""
+        dc, k = self.cfg.distill, state.iteration
+        share = distributed.world_size() / dc.trajectories_per_iter  # each rank's sum * share, then mean over ranks
+        loss, grads = torch.zeros((), device=self.device), {n: torch.zeros_like(v) for n, v in state.syn.items()}
+        for sample in distributed.shard(range(dc.trajectories_per_iter)):
+            gen = generator(self.cfg.seed, "iter", p, k, sample)
+            # sample start epoch
+            expert, start = self.sample_start_epoch(p, phase, k * dc.trajectories_per_iter + sample, gen)
+            theta_start, theta_target = matching_pair(self.store, expert, start, dc.expert_epochs, phase.shortcut_end)
+            # train t steps on the synthetic set, matching loss, and its gradient w.r.t. the synthetic set
+            plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, self.blend, self.device)
+            value, grad = matching_gradient(self.model, state.syn, theta_start, theta_target, plan, **self.options)
+            loss += value * share
+            for name, g in grad.items():
+                grads[name] += g * share
+        distributed.all_reduce_mean([loss, *grads.values()])
+        if not (torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())):
+            return None
+        # gradient step
+        state.gradient_step(grads)
+        # EMA
+        state.ema_update()
+        state.iteration += 1
+        return loss.item() if state.finite() else None
+
+    def run_phase(self, p: int, phase: PhaseConfig, out: Path, resume: bool) -> SyntheticSet:
+        dc = self.cfg.distill
+        state = SyntheticSet(self.init_synthetic(p, phase), dc)
+        checkpoint = out / "checkpoints" / f"phase-{p}.pt"
+        if resume and checkpoint.exists():
+            saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            if saved["fingerprint"] == fingerprint(self.cfg):  # another config's checkpoint: start over
+                state.load_checkpoint(saved)
+        main = distributed.is_main()
+        if main:
+            checkpoint.parent.mkdir(exist_ok=True)
+            _trim_history(out / "history.jsonl", p, state.iteration)
+        bar = tqdm(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
+        while state.iteration < phase.iterations:
+            k, started = state.iteration, time.perf_counter()
+            loss = self.iteration(state, p, phase)
+            seconds = time.perf_counter() - started
+            if loss is None:
+                state.rollback(p, k)
+                bar.n = state.iteration
+                if main:
+                    bar.write(f"phase {p} iteration {k}: not finite; back to iteration {state.iteration},"
+                              f" data lrs x{state.lr_factor:g}")
+                    _append(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
+                continue
+            lr_img, lr_txt = (state.syn[key].item() for key in LR_KEYS.values())
+            if main:
+                _append(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
+                                                "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
+                    with atomic_path(checkpoint) as tmp:
+                        torch.save({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, tmp)
+            bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}")
+            bar.update(1)
+        bar.close()
+        return state
+
+    def save_phase(self, p: int, phase: PhaseConfig, state: SyntheticSet, out: Path) -> None:
+        """The EMA state and its views; the safetensors file comes last: it marks the phase as done."""
+        dc, bundle = self.cfg.distill, self.bundle
+        ema = {k: v.detach().cpu() for k, v in state.ema.items()}
+        if ema["images"].dim() == 4:
+            _save_grid(ema["images"], bundle, out / f"phase-{p}-images.png")
+        write_json(_nearest_captions(ema["texts"], bundle), out / f"phase-{p}-captions.json")
+        metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
+                    "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
+                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": fingerprint(self.cfg)}
+        # One JSON entry: safetensors stores metadata in a hash map whose order changes from process to process.
+        save_tensors(ema, out / f"phase-{p}.safetensors", {"mmdistill": json.dumps(metadata, sort_keys=True)})
+
+
+def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None:
+    """Distil every phase of `cfg` into `out_dir`; with `resume`, finished phases are kept and a running phase
+    continues from its checkpoint."""
+    from .experts import ExpertStore
+    from .prepare import prepare
+
+    out = Path(out_dir)
+    with distributed.process_group(cfg.device):
+        store = ExpertStore(experts_dir)
+        phases = plan_phases(cfg)
+        needed = max(max(p.start_epochs[1] - 1 + cfg.distill.expert_epochs, p.shortcut_end or 0) for p in phases)
+        if needed > store.epochs:
+            raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
+                            f" epochs 0..{store.epochs}")
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 builds the feature cache first
+        bundle = prepare(cfg, verbose=distributed.is_main())
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
+        distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device))
+        for p, phase in enumerate(phases):
+            done = out / f"phase-{p}.safetensors"
+            if resume and done.exists() and load_phase(done)["fingerprint"] == fingerprint(cfg):
+                continue
+            state = distiller.run_phase(p, phase, out, resume)
+            if distributed.is_main():
+                distiller.save_phase(p, phase, state, out)
+                (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
+                _write_meta(cfg, phases, out)
+            distributed.barrier()
+
+
+def fingerprint(cfg) -> str:
+    """Hash of the config minus where it runs: a checkpoint or phase file is reused only by the same config."""
+    raw = to_dict(cfg)
+    raw.pop("device")
+    raw.pop("cache_dir")
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_phase(path: Path) -> dict:
+    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
+
+
+def load_synthetic(out_dir: Path) -> list[dict]:
+    """The distilled phases of a folder, in order, each as load_phase gives it."""
+    out = Path(out_dir)
+    paths = []
+    while (out / f"phase-{len(paths)}.safetensors").exists():
+        paths.append(out / f"phase-{len(paths)}.safetensors")
+    if not paths:
+        raise UserError(f"no distilled phases (phase-0.safetensors, ...) in {out}")
+    return [load_phase(path) for path in paths]
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+def _save_grid(images: torch.Tensor, bundle, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
+    with atomic_path(path) as tmp:
+        save_image((images * std + mean).clamp(0, 1), tmp, nrow=10, format="png")
+
+
+def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
+    """For each synthetic text, the most cosine-similar real training caption."""
+    real = F.normalize(bundle.texts["train"], dim=1)
+    captions = bundle.splits["train"].captions
+    records = []
+    for chunk in F.normalize(texts.float(), dim=1).split(256):
+        best, index = (chunk @ real.T).max(dim=1)
+        records += [{"caption": captions[i], "caption_id": i, "similarity": round(s, 4)}
+                    for s, i in zip(best.tolist(), index.tolist())]
+    return records
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_history(path: Path, p: int, iteration: int) -> None:
+    """Drop history lines from phase p's iteration `iteration` on: a resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if (r := json.loads(line))["phase"] < p or (r["phase"] == p and r["iteration"] < iteration)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def _write_meta(cfg, phases: list[PhaseConfig], out: Path) -> None:
+    done = [load_phase(out / f"phase-{p}.safetensors") for p in range(len(phases))
+            if (out / f"phase-{p}.safetensors").exists()]
+    write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
+                "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
+                            "recoveries": d["recoveries"]} for phase, d in zip(phases, done)],
+                "lr_source": "ema", "version": __version__, "git_commit": _git_commit(),
+                "world_size": distributed.world_size()}, out / "meta.json")
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+def _bench_setup(cfg, syn_steps: int):
+    """The preset's student (random init) and first phase on random tensors, with a fake 2-snapshot target.
+
+    Returns (iteration(mode), plain(), device): a distillation iteration (matching gradient, gradient step, EMA;
+    the synthetic set is put back afterwards, so every call does the same work) and syn_steps plain training
+    steps of the same student on mini-batches of the same size."""
+    from .experts import _bench_model
+
+    cfg = OmegaConf.merge(cfg, {"distill": {"syn_steps": syn_steps}})
+    dc, pairs, device = cfg.distill, cfg.distill.phases[0].pairs, resolve_device(cfg.device)
+    model = _bench_model(cfg).to(device).train()
+    if not model.image_trainable:
+        model.frozen_image_encoder.to(device)
+    gen = torch.Generator().manual_seed(0)
+    if dc.space == "pixel":
+        images = torch.randn(pairs, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
+    else:
+        images = torch.randn(pairs, model.frozen_image_encoder.out_dim, generator=gen)
+    lr = torch.tensor([dc.lr_init])
+    syn = {"images": images, "texts": torch.randn(pairs, model.text_projection.projection.in_features, generator=gen),
+           **init_similarity(dc.similarity, pairs, dc.sim_rank, gen), "lr_img": lr, "lr_txt": lr.clone()}
+    state = SyntheticSet({k: v.to(device) for k, v in syn.items()}, dc)
+    initial = state.snapshot()
+    theta_start = model.get_flat()
+    theta_target = {g: t + 0.01 * torch.randn(t.shape, generator=gen).to(t) for g, t in theta_start.items()}
+    plan = InnerPlan.draw(pairs, syn_steps, dc.mini_batch_size, gen, dc.blend.alpha if dc.blend.enabled else None,
+                          device)
+
+    def iteration(mode: str) -> None:
+        _, grads = matching_gradient(model, state.syn, theta_start, theta_target, plan, loss_fn=LOSSES[dc.loss],
+                                     sim_kind=dc.similarity, sim_alpha=dc.sim_alpha, mode=mode)
+        state.gradient_step(grads)
+        state.ema_update()
+        state.restore(initial)
+
+    def plain() -> None:
+        theta = theta_start
+        for index in plan.batches:
+            point = {g: t.detach().requires_grad_() for g, t in theta.items()}
+            logits = model.logits_at(point, state.syn["images"][index].detach(), state.syn["texts"][index].detach())
+            grads = torch.autograd.grad(LOSSES[dc.loss](logits, torch.eye(len(index), device=device)),
+                                        list(point.values()))
+            theta = {g: point[g].detach() - 0.1 * grad for g, grad in zip(point, grads)}
+
+    return iteration, plain, device
+
+
+def _memory_probe(raw_cfg: dict, syn_steps: int, mode: str) -> float:
+    """Peak memory (MiB) of one iteration above the memory in use just before it, after a warm-up iteration.
+
+    CUDA: max_memory_allocated. CPU (a fresh process, see _memory_growth): the kernel's peak-RSS mark (VmHWM)
+    is reset to the current RSS (clear_refs) right before the iteration."""
+    iteration, _, device = _bench_setup(from_dict(raw_cfg), syn_steps)
+    iteration(mode)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        iteration(mode)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_kib("VmRSS")
+    iteration(mode)
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+_PROBE = ("import json, sys; from mmdistill.distill import _memory_probe; "
+          "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))")
+
+
+def _memory_growth(cfg, syn_steps: int, mode: str) -> float:
+    """On CPU in a fresh process whose malloc returns big blocks to the system at once (fixed mmap threshold),
+    so that its RSS follows the tensors alive."""
+    if resolve_device(cfg.device).type == "cuda":
+        return _memory_probe(to_dict(cfg), syn_steps, mode)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(to_dict(cfg)), str(syn_steps), mode],
+                            env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def bench_iteration(cfg, repeats: int = 5) -> dict:
+    """Seconds per distillation iteration (default gradient mode, and exact) against syn_steps plain training
+    steps of the same student, measured interleaved in one process (medians); memory at syn_steps 5 vs 20."""
+    dc = cfg.distill
+    iteration, plain, device = _bench_setup(cfg, dc.syn_steps)
+    runs = {"plain": plain, dc.gradient: lambda: iteration(dc.gradient), "exact": lambda: iteration("exact")}
+    for run in runs.values():  # warm-up
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - started)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    result = {"device": str(device), "threads": torch.get_num_threads(), "gradient": dc.gradient,
+              "syn_steps": dc.syn_steps, "mini_batch_size": dc.mini_batch_size, "pairs": dc.phases[0].pairs,
+              "seconds_per_iteration": seconds[dc.gradient], "seconds_plain_steps": seconds["plain"],
+              "ratio": seconds[dc.gradient] / seconds["plain"], "seconds_per_iteration_exact": seconds["exact"],
+              "ratio_exact": seconds["exact"] / seconds["plain"]}
+    for mode in (dc.gradient, "unroll"):
+        growth = {steps: _memory_growth(cfg, steps, mode) for steps in (5, 20)}
+        suffix = "" if mode == dc.gradient else f"_{mode}"
+        result[f"peak_memory_mib_5{suffix}"] = growth[5]
+        result[f"peak_memory_mib_20{suffix}"] = growth[20]
+        result[f"memory_ratio_20_vs_5{suffix}"] = growth[20] / max(growth[5], 1e-9)
+    return result

@@ -1,0 +1,162 @@
+"""The phase loop on shapes-tiny: outputs, methods on one engine, NaN recovery, SIGKILL + resume bit-identical,
+torchrun == one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmdistill.distill as distill_module
+from mmdistill.config import load_config, with_method
+from mmdistill.distill import distill, load_synthetic, plan_phases
+from mmdistill.errors import UserError
+from mmdistill.experts import train_experts
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-waiting on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """shapes-tiny experts (2 experts x 3 epochs) and the overrides that point at their feature cache."""
+    root = tmp_path_factory.mktemp("tiny")
+    overrides = [f"cache_dir={root / 'cache'}"]
+    train_experts(load_config("shapes-tiny", overrides), root / "experts")
+    return root, overrides
+
+
+def config(tiny, *extra):
+    return load_config("shapes-tiny", tiny[1] + list(extra))
+
+
+def cli(tiny, out, *extra, torchrun=False):
+    """The `mmdistill distill` command line for shapes-tiny."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [])
+    sets = [arg for item in tiny[1] + list(extra) for arg in ("--set", item)]
+    return launcher + ["-m", "mmdistill", "distill", "--preset", "shapes-tiny", *sets,
+                       "--experts", str(tiny[0] / "experts"), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny):
+    out = tiny[0] / "ptm-st"
+    distill(config(tiny), tiny[0] / "experts", out)
+    return out
+
+
+def test_outputs_exist_and_are_finite(tiny, distilled):
+    cfg = config(tiny)
+    phases = load_synthetic(distilled)
+    assert len(phases) == len(plan_phases(cfg)) == 2
+    for p, phase in enumerate(phases):
+        assert phase["images"].shape == (10, 3, 16, 16) and phase["texts"].shape == (10, 384)
+        assert phase["sim_full"].shape == (10, 10) and phase["lr_img"].shape == (1,)
+        assert all(torch.isfinite(v).all() for v in phase.values() if torch.is_tensor(v))
+        assert phase["similarity"] == "full" and phase["space"] == "pixel" and phase["iterations"] == 4
+        assert phase["lr_source"] == "ema" and phase["pairs"] == 10 and phase["image_size"] == 16
+        assert min(phase["lr_img"].item(), phase["lr_txt"].item()) > 0
+        assert (distilled / f"phase-{p}-images.png").stat().st_size > 0
+        captions = json.loads((distilled / f"phase-{p}-captions.json").read_text())
+        assert len(captions) == 10 and {"caption", "similarity"} <= captions[0].keys()
+    meta = json.loads((distilled / "meta.json").read_text())
+    assert meta["method"] == "ptm-st" and meta["lr_source"] == "ema" and meta["config"]["seed"] == 0
+    assert [p["iterations_done"] for p in meta["phases"]] == [4, 4]
+    history = [json.loads(line) for line in (distilled / "history.jsonl").read_text().splitlines()]
+    assert [(h["phase"], h["iteration"]) for h in history] == [(p, k) for p in range(2) for k in range(4)]
+    assert not list((distilled / "checkpoints").glob("*.pt"))  # removed once their phase is written
+
+
+def test_plan_phases_applies_the_method_switches(tiny):
+    cfg = config(tiny)
+    assert [(p.pairs, p.shortcut_end) for p in plan_phases(cfg)] == [(10, 2), (10, 3)]
+    merged = plan_phases(with_method(cfg, "st"))  # no phases: one phase over the union of the windows
+    assert [(p.pairs, p.iterations, p.start_epochs, p.shortcut_end) for p in merged] == [(20, 8, [0, 2], 3)]
+    assert [p.shortcut_end for p in plan_phases(with_method(cfg, "ptm"))] == [None, None]
+
+
+@pytest.mark.parametrize("method,phases,sim_keys,mode", [
+    ("mtt-vl", 1, set(), "unroll"), ("lors", 1, {"sim_diag", "sim_left", "sim_right"}, "fd"),
+    ("ptm-st", 2, {"sim_full"}, "fd"), ("ptm-st+blend", 2, {"sim_full"}, "fd")])
+def test_methods_share_one_engine(tiny, tmp_path, monkeypatch, method, phases, sim_keys, mode):
+    calls = []
+    real = distill_module.matching_gradient
+    monkeypatch.setattr(distill_module, "matching_gradient",
+                        lambda *a, **kw: calls.append((kw["mode"], a[4].blends[0] is not None)) or real(*a, **kw))
+    cfg = with_method(config(tiny, "distill.phases.0.iterations=2", "distill.phases.1.iterations=2"), method)
+    distill(cfg, tiny[0] / "experts", tmp_path)
+    result = load_synthetic(tmp_path)
+    assert len(result) == phases and {k for k in result[0] if k.startswith("sim_") and k != "sim_alpha"} == sim_keys
+    assert all(torch.isfinite(v).all() for p in result for v in p.values() if torch.is_tensor(v))
+    assert set(calls) == {(mode, method.endswith("blend"))} and len(calls) == 4
+
+
+def test_nan_rolls_back_and_halves_the_data_learning_rates(tiny, tmp_path, monkeypatch):
+    calls, real = [], distill_module.matching_gradient
+
+    def once_nan(*args, **kwargs):
+        calls.append(1)
+        loss, grads = real(*args, **kwargs)
+        return (float("nan"), grads) if len(calls) == 3 else (loss, grads)
+
+    monkeypatch.setattr(distill_module, "matching_gradient", once_nan)
+    distill(config(tiny, "distill.phases.1.iterations=1"), tiny[0] / "experts", tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    # iteration 2 failed: back to the state before iteration 1's step, data lrs x0.5, iterations 1..3 again
+    assert meta["phases"][0]["recoveries"] == [{"iteration": 2, "restart": 1, "lr_factor": 0.5}]
+    assert meta["phases"][1]["recoveries"] == []
+    assert len(calls) == 4 + 2 + 1
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h.get("event") for h in history].count("recovery") == 1
+    assert all(torch.isfinite(v).all() for p in load_synthetic(tmp_path) for v in p.values() if torch.is_tensor(v))
+
+
+def test_persistent_nan_fails_clearly_and_saves_nothing(tiny, tmp_path, monkeypatch):
+    real = distill_module.matching_gradient
+    monkeypatch.setattr(distill_module, "matching_gradient", lambda *a, **kw: (float("inf"), real(*a, **kw)[1]))
+    with pytest.raises(UserError, match="not finite.*after 3 recoveries"):
+        distill(config(tiny), tiny[0] / "experts", tmp_path)
+    assert not list(tmp_path.glob("phase-*.safetensors"))
+
+
+def _phase_bytes(out):
+    return [(out / f"phase-{p}.safetensors").read_bytes() for p in range(2)]
+
+
+def test_sigkill_then_resume_is_bit_identical_and_torchrun_matches(tiny, tmp_path):
+    """One uninterrupted run (two trajectories per iteration) is the reference for a run killed with SIGKILL
+    after its first checkpoint and resumed, and for the same run on two torchrun processes."""
+    extra = ["distill.trajectories_per_iter=2", "distill.phases.0.iterations=12", "distill.checkpoint_every=3"]
+    whole, killed, ranks = tmp_path / "whole", tmp_path / "killed", tmp_path / "torchrun"
+    subprocess.run(cli(tiny, whole, *extra), env=ENV, check=True, capture_output=True)
+    process = subprocess.Popen(cli(tiny, killed, *extra), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = killed / "checkpoints" / "phase-0.pt"
+    while not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "phase-0.safetensors").exists()  # killed mid phase 0
+    assert torch.load(checkpoint, weights_only=True)["iteration"] < 12
+    subprocess.run(cli(tiny, killed, *extra) + ["--resume"], env=ENV, check=True, capture_output=True)
+    assert _phase_bytes(killed) == _phase_bytes(whole)
+
+    subprocess.run(cli(tiny, ranks, *extra, torchrun=True), env=ENV, check=True, capture_output=True)
+    for one, two in zip(load_synthetic(whole), load_synthetic(ranks)):
+        for key, value in one.items():
+            if torch.is_tensor(value):
+                assert torch.allclose(value, two[key], rtol=1e-4, atol=1e-5), key
+    assert json.loads((ranks / "meta.json").read_text())["world_size"] == 2

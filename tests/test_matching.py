@@ -1,0 +1,216 @@
+"""The matching gradient: exact (TESLA) == unroll with a detached parameter path, fd ~ exact, unroll == the true
+derivative, dropout masks and blend draws replayed, memory flat in syn_steps, and descent on a toy problem."""
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from mmdistill.encoders import ConvNet
+from mmdistill.losses import LOSSES
+from mmdistill.matching import InnerPlan, matching_gradient
+from mmdistill.model import DualEncoder
+from mmdistill.similarity import init_similarity
+
+N, TEXT_DIM, PX = 12, 6, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-waiting on a shared machine (50x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ClampNet(nn.Sequential):
+    """In-place ReLU and ReLU6: the other piecewise-linear activations fd holds on their pieces."""
+
+    out_dim = 4 * 4 * 4
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU6(), nn.AvgPool2d(2), nn.Flatten())
+
+
+def problem(dtype=torch.float64, kind="full", dropout=0.0, space="pixel", encoder=None):
+    """A tiny student (1-layer ReLU ConvNet, or a projection of frozen features), a synthetic set and a target."""
+    torch.manual_seed(0)
+    frozen = space == "feature"
+    encoder = encoder or ConvNet(PX, depth=1, width=4)
+    model = DualEncoder(encoder, TEXT_DIM, image_trainable=not frozen, embed_dim=5 if frozen else 0,
+                        dropout=dropout).to(dtype).train()
+    images = torch.randn(N, 64) if frozen else torch.randn(N, 3, PX, PX)
+    syn = {"images": images, "texts": torch.randn(N, TEXT_DIM), **init_similarity(kind, N, rank=3),
+           "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}
+    if kind == "full":  # off the identity, entries in [0, 1]
+        syn["sim_full"] = 0.9 * torch.eye(N) + 0.1 * torch.rand(N, N)
+    if kind == "lowrank":  # R = 0 at init would give L no gradient
+        syn["sim_right"] = 0.1 * torch.randn(N, 3)
+    syn = {k: v.to(dtype) for k, v in syn.items()}
+    start = {g: t.to(dtype) for g, t in model.get_flat().items()}
+    target = {g: t + 0.05 * torch.randn_like(t) for g, t in start.items()}
+    return model, syn, start, target
+
+
+def plan(steps=5, seed=3, blend=None):
+    return InnerPlan.draw(N, steps, 4, torch.Generator().manual_seed(seed), blend_alpha=blend)
+
+
+def gradient(setup, inner, mode, kind="full", **kw):
+    model, syn, start, target = setup
+    return matching_gradient(model, syn, start, target, inner, loss_fn=LOSSES["wbce"], sim_kind=kind, mode=mode, **kw)
+
+
+def relative_error(grads, reference):
+    """Worst relative L2 error over the entries of `syn`."""
+    assert grads.keys() == reference.keys()
+    return max(((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
+
+
+@pytest.mark.parametrize("kind,space,merge", [("identity", "pixel", False), ("full", "pixel", False),
+                                              ("lowrank", "pixel", False), ("full", "pixel", True),
+                                              ("lowrank", "feature", False)])
+def test_exact_equals_unroll_with_detached_parameter_path(kind, space, merge):
+    setup, inner = problem(kind=kind, space=space), plan()
+    loss, exact = gradient(setup, inner, "exact", kind, merge_branches=merge)
+    loss_unroll, unroll = gradient(setup, inner, "unroll", kind, merge_branches=merge, detach_inner=True)
+    assert loss == pytest.approx(loss_unroll, rel=1e-12)
+    assert {"images", "texts", "lr_img", "lr_txt"} <= exact.keys()
+    assert relative_error(exact, unroll) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-5), (torch.float32, 1e-2)])
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+def test_fd_matches_exact(dtype, tolerance, kind):
+    """Measured: ~8e-7 in float64 and ~8e-4 in float32 (without frozen ReLU pieces float32 was off by 7x)."""
+    setup, inner = problem(dtype, kind), plan()
+    loss_fd, fd = gradient(setup, inner, "fd", kind)
+    loss_exact, exact = gradient(setup, inner, "exact", kind)
+    assert loss_fd == loss_exact
+    assert relative_error(fd, exact) < tolerance
+
+
+def test_fd_holds_relu6_and_inplace_relu_on_their_pieces():
+    setup = problem(torch.float32, encoder=ClampNet())
+    setup[1]["images"] *= 20  # push pre-activations past ReLU6's upper kink too
+    _, fd = gradient(setup, plan(), "fd")
+    _, exact = gradient(setup, plan(), "exact")
+    assert relative_error(fd, exact) < 1e-2
+    assert setup[0].image_encoder[1].inplace  # restored after the replay
+
+
+def test_dropout_masks_are_replayed():
+    setup = problem(dropout=0.3)
+    _, exact = gradient(setup, plan(), "exact")
+    _, unroll = gradient(setup, plan(), "unroll", detach_inner=True)
+    _, fd = gradient(setup, plan(), "fd")
+    assert relative_error(exact, unroll) < 1e-6
+    assert relative_error(fd, exact) < 1e-5
+    other_masks = plan()
+    other_masks.seeds = [s + 1 for s in other_masks.seeds]
+    _, other = gradient(setup, other_masks, "exact")
+    assert relative_error(other, exact) > 1e-3  # dropout is live: other masks, other gradient
+
+
+def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
+    setup, inner = problem(), plan(blend=1.0)
+    assert all(0 < lam < 1 and sorted(perm.tolist()) == list(range(len(b)))
+               for (lam, perm), b in zip(inner.blends, inner.batches))
+    model = setup[0]
+    seen, logits_at = [], model.logits_at
+    monkeypatch.setattr(model, "logits_at",
+                        lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend))
+    _, exact = gradient(setup, inner, "exact")
+    assert seen == inner.blends * 2  # pass 1, then the replay: the same (lam, perm) objects, step by step
+    seen.clear()
+    _, unroll = gradient(setup, inner, "unroll", detach_inner=True)
+    assert relative_error(exact, unroll) < 1e-6
+    _, unblended = gradient(setup, plan(), "exact")
+    assert relative_error(unblended, exact) > 1e-3
+
+
+def test_unroll_is_the_derivative_of_the_matching_loss():
+    """Central differences of L along a random direction of every synthetic tensor (float64)."""
+    model, syn, start, target = setup = problem(kind="lowrank")
+    inner = plan()
+    loss, grads = gradient(setup, inner, "unroll", "lowrank")
+    gen = torch.Generator().manual_seed(7)
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in syn.items()}
+    h = 1e-6
+
+    def loss_at(sign):
+        moved = {k: v + sign * h * direction[k] for k, v in syn.items()}
+        return gradient((model, moved, start, target), inner, "unroll", "lowrank")[0]
+
+    numeric = (loss_at(1) - loss_at(-1)) / (2 * h)
+    analytic = sum((grads[k] * direction[k]).sum().item() for k in syn)
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+    _, exact = gradient(setup, inner, "exact", "lowrank")
+    assert relative_error(exact, grads) > 1e-3  # unroll keeps the parameter path that exact drops
+
+
+class SavedTensorBytes:
+    """Peak bytes held by autograd graphs (saved for backward), via saved-tensor hooks."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda box: box.tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    def pack(self, tensor):
+        box = _Box(tensor.detach())  # detached: a saved output would otherwise form a cycle through its grad_fn
+        size = tensor.numel() * tensor.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._free, size)
+        return box
+
+    def _free(self, size):
+        self.live -= size
+
+
+class _Box:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+@pytest.mark.parametrize("mode,flat", [("fd", True), ("exact", True), ("unroll", False)])
+def test_memory_does_not_grow_with_steps(mode, flat):
+    setup = problem()
+    peaks = []
+    for steps in (3, 12):
+        with SavedTensorBytes() as saved:
+            gradient(setup, plan(steps), mode)
+        peaks.append(saved.peak)
+    if flat:
+        assert peaks[1] <= 1.05 * peaks[0]
+    else:  # the measurement does see a graph that grows
+        assert peaks[1] > 3 * peaks[0]
+
+
+def test_plan_slices_a_permutation_and_redraws_when_exhausted():
+    inner = InnerPlan.draw(10, 5, 4, torch.Generator().manual_seed(0))
+    assert [len(b) for b in inner.batches] == [4, 4, 2, 4, 4]
+    assert sorted(torch.cat(inner.batches[:3]).tolist()) == list(range(10))
+    assert len(set(inner.seeds)) == 5 and inner.blends == [None] * 5
+
+
+def test_matching_loss_decreases_under_sgd():
+    model, syn, start, target = problem(torch.float32, "full")
+    inner = plan()
+    rates = {"images": 10.0, "texts": 10.0, "sim_full": 1.0, "lr_img": 1e-3, "lr_txt": 1e-3}
+    losses = []
+    for _ in range(8):
+        loss, grads = gradient((model, syn, start, target), inner, "fd")
+        losses.append(loss)
+        syn = {k: v - rates[k] * grads[k] for k, v in syn.items()}
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(b < a for a, b in zip(losses, losses[1:]))
