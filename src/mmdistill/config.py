@@ -107,6 +107,7 @@ class DistillConfig:
     merge_loss_branches: bool = False
     trajectories_per_iter: int = 1
     checkpoint_every: int = 50
+    snapshot_every: int = 0  # keep the EMA state every k iterations (recall-vs-iteration curve); 0 = never
     max_retries: int = 3  # NaN/Inf recoveries per phase before giving up
     blend: BlendConfig = field(default_factory=BlendConfig)
 

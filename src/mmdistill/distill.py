@@ -235,6 +235,8 @@ class Distiller:
             if main:
                 _append(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
                                                 "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
+                    self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
                     with atomic_path(checkpoint) as tmp:
                         torch.save({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, tmp)
@@ -245,16 +247,21 @@ class Distiller:
 
     def save_phase(self, p: int, phase: PhaseConfig, state: SyntheticSet, out: Path) -> None:
         """The EMA state and its views; the safetensors file comes last: it marks the phase as done."""
-        dc, bundle = self.cfg.distill, self.bundle
         ema = {k: v.detach().cpu() for k, v in state.ema.items()}
         if ema["images"].dim() == 4:
-            _save_grid(ema["images"], bundle, out / f"phase-{p}-images.png")
-        write_json(_nearest_captions(ema["texts"], bundle), out / f"phase-{p}-captions.json")
+            _save_grid(ema["images"], self.bundle, out / f"phase-{p}-images.png")
+        write_json(_nearest_captions(ema["texts"], self.bundle), out / f"phase-{p}-captions.json")
+        self.save_ema(phase, state, out / f"phase-{p}.safetensors")
+
+    def save_ema(self, phase: PhaseConfig, state: SyntheticSet, path: Path) -> None:
+        """The EMA state as a phase file (also used for the intermediate snapshots of the recall curve)."""
+        dc = self.cfg.distill
         metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
                     "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": fingerprint(self.cfg)}
         # One JSON entry: safetensors stores metadata in a hash map whose order changes from process to process.
-        save_tensors(ema, out / f"phase-{p}.safetensors", {"mmdistill": json.dumps(metadata, sort_keys=True)})
+        save_tensors({k: v.detach().cpu() for k, v in state.ema.items()}, path,
+                     {"mmdistill": json.dumps(metadata, sort_keys=True)})
 
 
 def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None:
