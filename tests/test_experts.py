@@ -31,15 +31,6 @@ def overrides(tmp_path_factory):
     return SHRINK + [f"cache_dir={tmp_path_factory.mktemp('cache')}"]
 
 
-@pytest.fixture
-def one_thread():
-    """Float results depend on the intra-op thread count; torchrun ranks run with one thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(overrides, tmp_path_factory):
     """Two shapes-tiny experts trained in this process with one thread: the reference for the other tests."""

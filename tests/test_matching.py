@@ -15,15 +15,6 @@ from mmdistill.similarity import init_similarity
 N, TEXT_DIM, PX = 12, 6, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-waiting on a shared machine (50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ClampNet(nn.Sequential):
     """In-place ReLU and ReLU6: the other piecewise-linear activations fd holds on their pieces."""
 

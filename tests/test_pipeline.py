@@ -114,19 +114,12 @@ def test_changed_distill_key_reruns_distill_evaluate_and_report_only(tiny, tmp_p
     assert json.loads((copy / "distilled" / "meta.json").read_text())["config"]["distill"]["syn_steps"] == 2
 
 
-def test_recall_curve_evaluates_kept_snapshots(tiny, tmp_path):
-    from mmdistill.distill import load_synthetic
-    from mmdistill.pipeline import _recall_curve
-    from mmdistill.prepare import prepare
-
-    cfg, _, out, _ = tiny
-    target = tmp_path / "distilled"
-    shutil.copytree(out / "distilled", target)
-    (target / "snapshots").mkdir()
-    for phase, iteration in ((0, 2), (1, 2)):  # stand-ins for intermediate EMA snapshots
-        shutil.copy(target / f"phase-{phase}.safetensors",
-                    target / "snapshots" / f"phase-{phase}-{iteration}.safetensors")
-    _recall_curve(cfg, prepare(cfg), target, load_synthetic(target))
-    curve = json.loads((target / "recall_curve.json").read_text())
-    assert [(c["phase"], c["iteration"]) for c in curve] == [(0, 2), (1, 2)]
+def test_recall_curve_evaluates_the_snapshots_the_engine_kept(tiny):
+    """shapes-tiny keeps the EMA state every 2 iterations: the run evaluates them and plots recall vs iteration."""
+    _, _, out, _ = tiny
+    kept = sorted(p.name for p in (out / "distilled" / "snapshots").iterdir())
+    assert kept == ["phase-0-2.safetensors", "phase-0-4.safetensors", "phase-1-2.safetensors", "phase-1-4.safetensors"]
+    curve = json.loads((out / "distilled" / "recall_curve.json").read_text())
+    assert [(c["phase"], c["iteration"]) for c in curve] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     assert all(0.0 <= c["r_mean"] <= 100.0 for c in curve)
+    assert (out / "figures" / "recall.png").exists()
