@@ -33,11 +33,10 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .config import PhaseConfig, from_dict, to_dict
 from .errors import UserError
-from .evaluate import _pixels01  # test-transformed pixels of chosen images, in memory or decoded from files
 from .io import atomic_path, save_tensors, write_json
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
-from .model import build_model
+from .model import build_bench_model, build_model
 from .similarity import init_similarity
 from .trajectory import matching_pair
 from .utils import derive_seed, generator, resolve_device
@@ -162,7 +161,7 @@ class Distiller:
         if dc.space == "feature":
             images = self.bundle.features["train"][image_ids]
         else:
-            images = self.bundle.normalize(_pixels01(self.bundle, "train", self.cfg.data.image_size, image_ids))
+            images = self.bundle.normalize(self.bundle.pixels01("train", image_ids, self.cfg.data.image_size))
         texts = self.bundle.texts["train"][captions]
         if dc.init == "noise":
             images = torch.randn(images.shape, generator=gen)
@@ -392,11 +391,10 @@ def _bench_setup(cfg, syn_steps: int):
     Returns (iteration(mode), plain(), device): a distillation iteration (matching gradient, gradient step, EMA;
     the synthetic set is put back afterwards, so every call does the same work) and syn_steps plain training
     steps of the same student on mini-batches of the same size."""
-    from .experts import _bench_model
 
     cfg = OmegaConf.merge(cfg, {"distill": {"syn_steps": syn_steps}})
     dc, pairs, device = cfg.distill, cfg.distill.phases[0].pairs, resolve_device(cfg.device)
-    model = _bench_model(cfg).to(device).train()
+    model = build_bench_model(cfg).to(device).train()
     if not model.image_trainable:
         model.frozen_image_encoder.to(device)
     gen = torch.Generator().manual_seed(0)

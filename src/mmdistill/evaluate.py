@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch.optim import SGD
 
 from .coresets import CORESETS, select_coreset
-from .data import load_image
-from .data.transforms import build_transform, normalize
+from .data.transforms import normalize
 from .errors import UserError
 from .experts import ExpertStore
 from .io import write_json
@@ -61,14 +60,6 @@ def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, 
         return torch.cat([model.image_features(chunk.to(device)) for chunk in images.split(EMBED_BATCH)])
 
 
-def _pixels01(bundle: Prepared, split: str, image_size: int, ids: torch.Tensor) -> torch.Tensor:
-    """Test-transformed pixels in [0, 1] of some images of a split: from memory, else decoded from files."""
-    if split in bundle.pixels:
-        return bundle.pixels[split][ids]
-    transform = build_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
-    return torch.stack([transform(load_image(bundle.splits[split], i)) for i in ids.tolist()])
-
-
 def _input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool,
                   device) -> Iterator[torch.Tensor]:
     """The student's inputs for every image of a split, EMBED_BATCH images at a time (files decode lazily).
@@ -80,7 +71,7 @@ def _input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: 
         yield from bundle.features[split].split(EMBED_BATCH)
         return
     for ids in torch.arange(len(bundle.splits[split])).split(EMBED_BATCH):
-        yield _student_inputs(model, bundle, bundle.normalize(_pixels01(bundle, split, image_size, ids)), device)
+        yield _student_inputs(model, bundle, bundle.normalize(bundle.pixels01(split, ids, image_size)), device)
 
 
 def _embed(model: DualEncoder, image_chunks: Iterable[torch.Tensor], texts: torch.Tensor, device):
@@ -298,7 +289,7 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
     if cfg.distill.space == "feature":
         images = bundle.features["train"][image_ids]
     else:
-        images = bundle.normalize(_pixels01(bundle, "train", cfg.data.image_size, image_ids))
+        images = bundle.normalize(bundle.pixels01("train", image_ids, cfg.data.image_size))
     lr = torch.tensor([cfg.distill.lr_init])
     return [{"images": images, "texts": bundle.texts["train"][index], "captions": index, "lr_img": lr,
              "lr_txt": lr.clone(), "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -34,14 +33,13 @@ from .config import to_dict
 from .errors import UserError
 from .io import atomic_path, save_tensors, write_json, write_text
 from .losses import LOSSES
-from .model import GROUPS, ParamLayout, build_model
+from .model import GROUPS, ParamLayout, build_bench_model, build_model
 from .utils import derive_seed, generator, resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXPERT_FILE = re.compile(r"expert-(\d+)\.safetensors")
 REFERENCE_FILE = "{group}_replay_buffer_{n}.pt"
 REFERENCE_WINDOWS = (6, 8)  # snapshots in PTM-ST's convexified_0_6 / convexified_0_8 copies (spec 4, 10)
-TEXT_DIMS = {"minilm": 384, "hf:bert-base-uncased": 768}  # lets bench_storage size a student without a download
 LOADER_WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -487,20 +485,11 @@ def export_reference(experts_dir: Path, out: Path, snapshots: tuple[int, int] | 
 
 # ---------------------------------------------------------------------------------------------- benchmark
 
-def _bench_model(cfg):
-    """The preset's student with random init (no weight download) and its text feature size."""
-    from .encoders import build_text_encoder
-
-    text_dim = TEXT_DIMS.get(cfg.model.text_encoder) or build_text_encoder(cfg.model.text_encoder).dim
-    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": False})
-    return build_model(model_cfg, text_dim=text_dim, image_size=cfg.data.image_size, seed=0)
-
-
 def bench_storage(cfg) -> dict:
     """Bytes of one expert in our format (float32 and float16) against the reference layout for the same expert:
     its full trajectory plus the convexified copies PTM-ST writes for its two windows. Random values: both
     formats store raw, uncompressed tensors, so size does not depend on them."""
-    layouts = _bench_model(cfg).layouts
+    layouts = build_bench_model(cfg).layouts
     snapshots = cfg.experts.epochs + 1
     windows = [min(w, snapshots) for w in REFERENCE_WINDOWS]
     rng = torch.Generator().manual_seed(0)

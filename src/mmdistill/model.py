@@ -164,3 +164,17 @@ def build_model(model_cfg, *, text_dim: int, image_size: int, seed: int, device:
     if not model.image_trainable:
         model.frozen_image_encoder.to(device)
     return model
+
+
+TEXT_DIMS = {"minilm": 384, "hf:bert-base-uncased": 768}  # lets benchmarks size a student without a download
+
+
+def build_bench_model(cfg) -> DualEncoder:
+    """The preset's student with random init (no weight download), for benchmarks that need only its shapes."""
+    from omegaconf import OmegaConf
+
+    from .encoders import build_text_encoder
+
+    text_dim = TEXT_DIMS.get(cfg.model.text_encoder) or build_text_encoder(cfg.model.text_encoder).dim
+    return build_model(OmegaConf.merge(cfg.model, {"pretrained": False}), text_dim=text_dim,
+                       image_size=cfg.data.image_size, seed=0)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .data import SOURCE_FLIP_SAFE, Split, build_splits
-from .data.transforms import pixel_tensor
+from .data import SOURCE_FLIP_SAFE, Split, build_splits, load_image
+from .data.transforms import build_transform, pixel_tensor
 from .encoders import build_image_encoder
 from .features import image_features, text_features
 from .utils import resolve_device
@@ -40,6 +40,13 @@ class Prepared:
         mean = torch.tensor(self.mean, device=pixels01.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels01.device).view(1, 3, 1, 1)
         return (pixels01 - mean) / std
+
+    def pixels01(self, split: str, ids: torch.Tensor, image_size: int) -> torch.Tensor:
+        """Test-transformed pixels in [0, 1] of some images of a split: from memory, else decoded from files."""
+        if split in self.pixels:
+            return self.pixels[split][ids]
+        transform = build_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
+        return torch.stack([transform(load_image(self.splits[split], i)) for i in ids.tolist()])
 
     def image_inputs(self, split: str, space: str = "pixel") -> torch.Tensor:
         """What the student's image side eats for a split: frozen features, or normalised pixels."""
