@@ -9,7 +9,7 @@ PAPER_PRESETS = [f"{d}-{b}" for d in ("flickr30k", "coco", "cc3m") for b in (100
 
 def test_every_paper_and_embedded_preset_exists_and_validates():
     names = preset_names()
-    for name in PAPER_PRESETS + ["shapes-tiny", "shapes-100", "emoji-100"]:
+    for name in PAPER_PRESETS + ["shapes-tiny", "shapes-100", "shapes-scratch-100", "emoji-100"]:
         assert name in names
         cfg = load_config(name)
         assert cfg.name == name and cfg.distill.phases
@@ -28,10 +28,13 @@ def test_paper_presets_follow_the_spec():
 
 
 def test_embedded_presets_have_two_phases():
-    for name in ("shapes-tiny", "shapes-100", "emoji-100"):
+    for name in ("shapes-tiny", "shapes-100", "shapes-scratch-100", "emoji-100"):
         assert len(load_config(name).distill.phases) == 2
-    assert load_config("shapes-100").model.image_trainable
-    assert not load_config("emoji-100").model.image_trainable
+    assert load_config("shapes-scratch-100").model.image_trainable
+    assert load_config("shapes-tiny").model.image_encoder == "convnet"
+    for name in ("shapes-100", "emoji-100"):
+        cfg = load_config(name)
+        assert not cfg.model.image_trainable and cfg.distill.space == "feature"
 
 
 def test_dotted_overrides_including_list_items():
@@ -67,7 +70,7 @@ def test_method_switches_are_configuration():
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):
     with pytest.raises(UserError) as info:
-        load_config("shapes-100", [override])
+        load_config("shapes-scratch-100", [override])
     message = str(info.value)
     assert expected in message and "\n" not in message
 

@@ -13,7 +13,7 @@ import torch
 
 import mmdistill.distill as distill_module
 from mmdistill.config import load_config, with_method
-from mmdistill.distill import distill, load_synthetic, plan_phases
+from mmdistill.distill import LR_MIN, SyntheticSet, distill, load_synthetic, plan_phases
 from mmdistill.errors import UserError
 from mmdistill.experts import train_experts
 
@@ -95,6 +95,24 @@ def test_methods_share_one_engine(tiny, tmp_path, monkeypatch, method, phases, s
     assert set(calls) == {(mode, method.endswith("blend"))} and len(calls) == 4
 
 
+def test_a_learned_lr_shrinks_at_most_by_half_per_step_and_recovers(tiny):
+    """One huge lr gradient (a late phase whose targets are much closer than lr_init reaches) used to floor the
+    lr for good; now it halves, its momentum is cleared, and an ordinary gradient moves it normally."""
+    dc = config(tiny).distill
+    syn = {"images": torch.zeros(2, 3), "texts": torch.zeros(2, 3), "lr_img": torch.tensor([0.1]),
+           "lr_txt": torch.tensor([0.1])}
+    state = SyntheticSet(syn, dc)
+    zero = {k: torch.zeros_like(v) for k, v in syn.items()}
+    state.gradient_step({**zero, "lr_img": torch.tensor([1e6]), "lr_txt": torch.tensor([-1.0])})
+    assert state.syn["lr_img"].item() == pytest.approx(0.05)  # a plain step would give 0.1 - 0.01 * 1e6
+    assert state.syn["lr_txt"].item() == pytest.approx(0.1 + dc.lr_lr)  # unclipped steps are plain SGD
+    state.gradient_step({**zero, "lr_img": torch.tensor([-1.0]), "lr_txt": torch.tensor([0.0])})
+    assert state.syn["lr_img"].item() == pytest.approx(0.05 + dc.lr_lr)  # no momentum left from the clipped step
+    for _ in range(40):
+        state.gradient_step({**zero, "lr_img": torch.tensor([1e6]), "lr_txt": torch.tensor([0.0])})
+    assert state.syn["lr_img"].item() == pytest.approx(LR_MIN)
+
+
 def test_nan_rolls_back_and_halves_the_data_learning_rates(tiny, tmp_path, monkeypatch):
     calls, real = [], distill_module.matching_gradient
 
@@ -151,3 +169,20 @@ def test_sigkill_then_resume_is_bit_identical_and_torchrun_matches(tiny, tmp_pat
             if torch.is_tensor(value):
                 assert torch.allclose(value, two[key], rtol=1e-4, atol=1e-5), key
     assert json.loads((ranks / "meta.json").read_text())["world_size"] == 2
+
+
+def test_feature_space_phases_show_their_nearest_real_images(tmp_path):
+    """Feature-space synthetic images have no pixels: the grid shows the nearest real training image of each."""
+    from PIL import Image
+
+    cfg = load_config("shapes-tiny", [f"cache_dir={tmp_path / 'cache'}", "model.image_encoder=efficientnet_lite0",
+                                      "data.image_size=32", "model.image_trainable=false",
+                                      "distill.space=feature", "experts.count=1",
+                                      "distill.phases.0.iterations=1", "distill.phases.1.iterations=1"])
+    train_experts(cfg, tmp_path / "experts")
+    distill(cfg, tmp_path / "experts", tmp_path / "out")
+    for p in (0, 1):
+        assert not (tmp_path / "out" / f"phase-{p}-images.png").exists()
+        with Image.open(tmp_path / "out" / f"phase-{p}-nearest-images.png") as grid:
+            size = cfg.data.image_size  # 10 pairs -> one row of 10 tiles (torchvision pads 2 px around each)
+            assert grid.size == (10 * (size + 2) + 2, size + 4)

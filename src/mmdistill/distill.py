@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch.optim import SGD
-from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .config import PhaseConfig, from_dict, to_dict
@@ -39,7 +38,7 @@ from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
 from .similarity import init_similarity
 from .trajectory import matching_pair
-from .utils import derive_seed, generator, resolve_device
+from .utils import derive_seed, generator, progress_bar, resolve_device
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
@@ -100,14 +99,24 @@ class SyntheticSet:
             group["lr"] = self.base_lrs[group["name"]] * (self.lr_factor if scaled else 1.0)
 
     def gradient_step(self, grads: dict[str, torch.Tensor]) -> None:
-        """One SGD step on the synthetic variables; the learned lrs are kept positive."""
+        """One SGD step on the synthetic variables.
+
+        A learned lr may shrink by at most half per step (and stays above LR_MIN), and a clipped step clears its
+        momentum: when the first targets of a late phase are much closer than lr_init steps reach, one plain
+        step (or the momentum it leaves) drives it to the floor, where every gradient (all scale with the lr)
+        vanishes and the phase never recovers.
+        """
         self.good = self.snapshot()
+        lrs_before = {key: self.syn[key].detach().clone() for key in LR_KEYS.values()}
         for k, v in self.syn.items():
             v.grad = grads[k].to(v)
         self.optimizer.step()
         with torch.no_grad():
-            for key in LR_KEYS.values():
-                self.syn[key].clamp_(min=LR_MIN)
+            for key, before in lrs_before.items():
+                floor = (before / 2).clamp(min=LR_MIN)
+                if (self.syn[key] < floor).any():  # clipped: forget the momentum that pushed it there
+                    self.syn[key].copy_(floor)
+                    self.optimizer.state[self.syn[key]]["momentum_buffer"].zero_()
 
     def ema_update(self) -> None:
         """EMA from the initial values, every step, no bias correction (ModelEmaV2, spec 5.7)."""
@@ -217,7 +226,7 @@ class Distiller:
         if main:
             checkpoint.parent.mkdir(exist_ok=True)
             _trim_history(out / "history.jsonl", p, state.iteration)
-        bar = tqdm(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
+        bar = progress_bar(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
         while state.iteration < phase.iterations:
             k, started = state.iteration, time.perf_counter()
             loss = self.iteration(state, p, phase)
@@ -249,6 +258,9 @@ class Distiller:
         ema = {k: v.detach().cpu() for k, v in state.ema.items()}
         if ema["images"].dim() == 4:
             _save_grid(ema["images"], self.bundle, out / f"phase-{p}-images.png")
+        else:
+            _save_nearest_grid(ema["images"], self.bundle, self.cfg.data.image_size,
+                               out / f"phase-{p}-nearest-images.png")
         write_json(_nearest_captions(ema["texts"], self.bundle), out / f"phase-{p}-captions.json")
         self.save_ema(phase, state, out / f"phase-{p}.safetensors")
 
@@ -333,6 +345,16 @@ def _save_grid(images: torch.Tensor, bundle, path: Path) -> None:
     std = torch.tensor(bundle.std).view(1, 3, 1, 1)
     with atomic_path(path) as tmp:
         save_image((images * std + mean).clamp(0, 1), tmp, nrow=10, format="png")
+
+
+def _save_nearest_grid(features: torch.Tensor, bundle, image_size: int, path: Path) -> None:
+    """Feature-space phases have no pixels to show: the most cosine-similar real training image of each one."""
+    from torchvision.utils import save_image
+
+    real = F.normalize(bundle.features["train"].float(), dim=1)
+    nearest = torch.cat([(chunk @ real.T).argmax(dim=1) for chunk in F.normalize(features.float(), dim=1).split(256)])
+    with atomic_path(path) as tmp:
+        save_image(bundle.pixels01("train", nearest, image_size), tmp, nrow=10, format="png")
 
 
 def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:

@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
-from .utils import resolve_device
+from .utils import progress_bar, resolve_device
 
 
 # ----------------------------------------------------------------------------------------------- image encoders
@@ -178,7 +177,7 @@ class TextEncoder(nn.Module):
         unique = list(row_of)
         order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
         features = torch.empty(len(unique), self.dim)
-        with tqdm(total=len(unique), desc=f"text features ({self.name})", unit="caption",
+        with progress_bar(total=len(unique), desc=f"text features ({self.name})", unit="caption",
                   disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]

@@ -34,7 +34,7 @@ from .errors import UserError
 from .io import atomic_path, save_tensors, write_json, write_text
 from .losses import LOSSES
 from .model import GROUPS, ParamLayout, build_bench_model, build_model
-from .utils import derive_seed, generator, resolve_device
+from .utils import derive_seed, generator, progress_bar, resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXPERT_FILE = re.compile(r"expert-(\d+)\.safetensors")
@@ -275,7 +275,7 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
     batches_per_epoch = -(-len(bundle.splits["train"].captions) // ec.batch_size)
     cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), \
-            tqdm(total=ec.epochs * batches_per_epoch, desc=f"expert {index}", unit="batch", leave=False,
+            progress_bar(total=ec.epochs * batches_per_epoch, desc=f"expert {index}", unit="batch", leave=False,
                  position=distributed.rank()) as bar:
         torch.manual_seed(derive_seed(cfg.seed, "expert", index, "dropout"))
         model.train()

@@ -16,14 +16,13 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from .data import load_image
 from .data.transforms import build_transform
 from .encoders import build_image_encoder, build_text_encoder
 from .errors import UserError
 from .io import save_tensors
-from .utils import resolve_device
+from .utils import progress_bar, resolve_device
 
 # Bump when the way features are computed changes, so older cache files are no longer picked up.
 FEATURE_FORMAT_VERSION = 1
@@ -60,7 +59,7 @@ def image_features(split, encoder_name: str, image_size: int, cache_dir: str | o
     transform = build_transform(image_size, encoder.mean, encoder.std, "none")
     features = torch.empty(len(split), encoder.out_dim)  # filled outside inference_mode: an ordinary tensor
     start = 0
-    with tqdm(total=len(split), desc=f"image features ({encoder_name})", unit="img") as bar:
+    with progress_bar(total=len(split), desc=f"image features ({encoder_name})", unit="img") as bar:
         for pixels in _pixel_batches(split, transform, batch_size):
             with torch.inference_mode():
                 batch_features = encoder(pixels.to(device))

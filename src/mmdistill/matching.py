@@ -12,7 +12,7 @@ Three modes, one signature:
 - fd: pass 2 swaps the double backward for a finite-difference Hessian-vector product,
   d/dx (v . grad_theta l(theta_i, x)) ~ [grad_x l(theta_i + eps v, x) - grad_x l(theta_i, x)] / eps:
   two first-order backward passes, the second one only into the inputs, with ReLU-type activations held on
-  the pieces the first one chose (`_FrozenPieces`). Same memory as exact; on shapes-100 (CPU, 1 thread) an
+  the pieces the first one chose (`_FrozenPieces`). Same memory as exact; on shapes-scratch-100 (CPU, 1 thread) an
   iteration takes ~3.2x the time of N plain training steps against ~4.7x for exact, and its float32 gradient
   is within 0.5% of a float64 exact one (closer than float32 exact, 2.4%).
 - unroll: autograd through the whole loop, parameter path included (MTT-VL); memory grows with N.
@@ -231,7 +231,7 @@ def _norm(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # Relative finite-difference step: eps ||v|| = FD_STEP ||theta_0||. One-sided differences are enough: against a
-# float64 exact reference (shapes-100 ConvNet, dropout 0.1), float32 fd with 1e-4 is off by 0.4% on the images
+# float64 exact reference (shapes-scratch-100 ConvNet, dropout 0.1), float32 fd with 1e-4 is off by 0.4% on the images
 # (the float32 exact mode itself by 2.4%); 1e-3 is truncation-bound (1.4%), below 1e-5 rounding starts to show.
 FD_STEP = {torch.float32: 1e-4, torch.float64: 1e-7}
 

@@ -349,6 +349,11 @@ def write_report(run_dir: Path, results: dict) -> None:
         for phase in phases:
             doc.heading(f"Phase {phase}", level=3)
             grid = distilled / f"phase-{phase}-images.png"
+            grid_caption = f"Synthetic images of phase {phase} (EMA)"
+            if not grid.exists():
+                grid = distilled / f"phase-{phase}-nearest-images.png"
+                grid_caption = (f"Phase {phase} distils image features, not pixels: the nearest real training image"
+                                " (cosine) of each synthetic feature vector")
             captions = _captions(distilled / f"phase-{phase}-captions.json")
             if not (grid.exists() or captions):
                 doc.note("No image grid or captions were saved for this phase.")
@@ -358,7 +363,7 @@ def write_report(run_dir: Path, results: dict) -> None:
                 copy = figures / grid.name
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(grid, copy)
-                doc.figure(copy, f"Synthetic images of phase {phase} (EMA)", css_class="pixels")
+                doc.figure(copy, grid_caption, css_class="pixels")
             if captions:
                 doc.table(["#", "nearest real caption of the synthetic text", "cosine"], captions, "captions")
             doc.end()

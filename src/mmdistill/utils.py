@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -33,3 +35,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal, so logs stay readable."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
+    return tqdm(**kwargs)
