@@ -182,7 +182,7 @@ def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch
 
 def test_training_on_real_pairs_beats_an_untrained_student():
     cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "distill.phases.0.pairs=40",
-                   "distill.phases.1.pairs=40", "distill.lr_init=0.5")
+                   "distill.phases.1.pairs=40", "experts.lr_img=0.5", "experts.lr_txt=0.5")
     bundle = make_bundle(same_eval=True)  # validation and test are the training split
     phases = coreset_phases(cfg, bundle, "random", None, seed=0)
     result = train_and_test(cfg, bundle, phases, seed=0)
@@ -203,7 +203,8 @@ def test_random_coreset_has_the_budget_of_distinct_real_pairs(frozen):
     torch.testing.assert_close(phase["texts"], bundle.texts["train"][captions])
     assert phase["similarity"] == "identity" and not any(k.startswith("sim_") and torch.is_tensor(v)
                                                          for k, v in phase.items())
-    assert phase["lr_img"].item() == phase["lr_txt"].item() == pytest.approx(cfg.distill.lr_init)
+    assert phase["lr_img"].item() == pytest.approx(cfg.experts.lr_img)  # the lrs real data trains with
+    assert phase["lr_txt"].item() == pytest.approx(cfg.experts.lr_txt)
     assert torch.equal(coreset_phases(cfg, bundle, "random", None, seed=1)[0]["captions"], captions)
 
 

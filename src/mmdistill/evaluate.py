@@ -259,8 +259,9 @@ def _correct_history(cfg, bundle: Prepared, store, device) -> torch.Tensor:
 def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> list[dict]:
     """One phase of real training pairs chosen by a coreset method at the distillation budget.
 
-    The pairs are caption entries (a caption and its image); S is the identity and both learning rates are
-    `distill.lr_init`, so they train under the same protocol and loss (`distill.loss`) as a distilled set.
+    The pairs are caption entries (a caption and its image); S is the identity and the learning rates are the
+    ones real data trains with (`experts.lr_img`, `experts.lr_txt`), so they train under the same protocol and
+    loss (`distill.loss`) as a distilled set.
     Herding and k-center select on the concatenated image and text embeddings of a full-data model (expert 0's
     final snapshot), forgetting on expert 0's training dynamics (see `_correct_history`).
     """
@@ -290,9 +291,8 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
         images = bundle.features["train"][image_ids]
     else:
         images = bundle.normalize(bundle.pixels01("train", image_ids, cfg.data.image_size))
-    lr = torch.tensor([cfg.distill.lr_init])
-    return [{"images": images, "texts": bundle.texts["train"][index], "captions": index, "lr_img": lr,
-             "lr_txt": lr.clone(), "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
+    return [{"images": images, "texts": bundle.texts["train"][index], "captions": index,
+             "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]), "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
 
 
 def _read_json(path: Path) -> dict:
