@@ -66,6 +66,7 @@ def test_method_switches_are_configuration():
     ("distill.phases.0.start_epochs=[3, 1]", "'distill.phases.0.start_epochs'"),
     ("distill.phases.0.shortcut_end=99", "'distill.phases.0.shortcut_end'"),
     ("distill.space=feature", "'distill.space'"),
+    ("evaluate.coreset_lrs=[0.1, -1]", "'evaluate.coreset_lrs'"),
     ("nonsense", "bad override 'nonsense'"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):

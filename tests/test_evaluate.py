@@ -190,6 +190,19 @@ def test_training_on_real_pairs_beats_an_untrained_student():
     assert result["test"]["r_mean"] > untrained + 20
 
 
+def test_coreset_lr_is_chosen_on_validation():
+    cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "evaluate.runs=2", "distill.phases.0.pairs=40",
+                   "distill.phases.1.pairs=40", "evaluate.coreset_lrs=[0.0001, 0.5]")
+    bundle = make_bundle()
+    entry = evaluate.evaluate_coreset(cfg, bundle, "random", None, seed=0)
+    assert entry["lr"] == 0.5 and set(entry["val_r_mean_by_lr"]) == {"0.0001", "0.5"}
+    assert entry["val_r_mean_by_lr"]["0.5"] > entry["val_r_mean_by_lr"]["0.0001"]
+    (phase,) = coreset_phases(cfg, bundle, "random", None, seed=0)
+    direct = evaluate.evaluate_phases(cfg, bundle, [{**phase, "lr_img": torch.tensor([0.5]),
+                                                     "lr_txt": torch.tensor([0.5])}], runs=2, seed=0)
+    assert entry["r_mean"] == direct["r_mean"]
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_random_coreset_has_the_budget_of_distinct_real_pairs(frozen):
     cfg = make_cfg(frozen=frozen)

@@ -125,6 +125,9 @@ class EvaluateConfig:
     protocol: str = "val"  # val (pick epoch on validation, report test) | reference (best on test)
     image_encoder: Optional[str] = None  # cross-architecture evaluation
     baselines: List[str] = field(default_factory=lambda: ["random", "full"])
+    # Real pairs have no learned lr: a coreset trains with each of these (empty: experts.lr_img/lr_txt) and
+    # reports the one whose runs reach the best mean validation r_mean.
+    coreset_lrs: List[float] = field(default_factory=lambda: [0.1, 0.03, 0.01])
 
 
 @dataclass
@@ -224,6 +227,10 @@ def _key_error(cfg: DictConfig, key: str, problem: str) -> UserError:
     return UserError(f"{problem} {key!r}{hint}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
     """Set a dotted key on a structured config; list items by index (`distill.phases.0.pairs`)."""
     parts = key.split(".")
@@ -240,8 +247,11 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
         else:
             if last not in node:
                 raise _key_error(cfg, key, "unknown config key")
-            if isinstance(node._get_node(last), FloatNode) and isinstance(value, int) and not isinstance(value, bool):
+            target = node._get_node(last)
+            if isinstance(target, FloatNode) and _is_int(value):
                 value = float(value)
+            elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
+                value = [float(v) if _is_int(v) else v for v in value]
             node[last] = value
     except ValidationError as err:
         first = str(err).strip().splitlines()[0]
@@ -340,6 +350,8 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if not OmegaConf.select(cfg, key) > 0:
             raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    if not all(lr > 0 for lr in cfg.evaluate.coreset_lrs):
+        raise UserError(f"bad value {list(cfg.evaluate.coreset_lrs)!r} for 'evaluate.coreset_lrs': each must be > 0")
     if not 0.0 <= cfg.distill.ema_decay < 1.0:
         raise UserError(f"bad value {cfg.distill.ema_decay!r} for 'distill.ema_decay': must be in [0, 1)")
     if not cfg.distill.phases:

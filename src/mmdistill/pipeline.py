@@ -130,7 +130,7 @@ class Study:
 
         Returns the evaluation stage's record ("result": the results.json entry, "version")."""
         from .distill import distill, load_synthetic, plan_phases
-        from .evaluate import coreset_phases, evaluate_phases, full_data_metrics
+        from .evaluate import evaluate_coreset, evaluate_phases, full_data_metrics
 
         cfg, experts_dir = self.cfg, self.out / "experts"
         upstream = self.experts
@@ -145,11 +145,10 @@ class Study:
         def evaluate(resume: bool) -> dict:
             if name == "full":
                 return full_data_metrics(experts_dir)
-            if name in METHODS:
-                phases = load_synthetic(target)
-                _recall_curve(cfg, self.bundle(), target, phases)
-            else:
-                phases = coreset_phases(cfg, self.bundle(), name, experts_dir, cfg.seed)
+            if name not in METHODS:
+                return evaluate_coreset(cfg, self.bundle(), name, experts_dir, cfg.seed)
+            phases = load_synthetic(target)
+            _recall_curve(cfg, self.bundle(), target, phases)
             return evaluate_phases(cfg, self.bundle(), phases, runs=cfg.evaluate.runs, seed=cfg.seed)
 
         return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream],
