@@ -51,7 +51,7 @@ def run_dir(tmp_path):
 
 def _results() -> dict:
     return {"preset": "shapes-tiny", "dataset": "shapes", "pairs": 12, "seed": 0,
-            "methods": {"ptm-st": _entry(30, 1.0), "random": _entry(15, 0.5), "full": _entry(45, 0.2)},
+            "methods": {"ptm-st": _entry(30, 1.0), "random": {**_entry(15, 0.5), "lr": 0.03}, "full": _entry(45, 0.2)},
             "timing": {"prepare_s": 1.0, "experts_s": 2.0, "distill_s": 3.0, "evaluate_s": 4.0, "reused": ["prepare"]}}
 
 
@@ -63,6 +63,7 @@ def test_report_writes_markdown_html_and_figures(run_dir):
     md = (run_dir / "report.md").read_text()
     assert "# mmdistill report: shapes-tiny" in md and "not available" in md
     assert "a red circle 0" in md and "figures/loss.png" in md
+    assert "best on validation (random 0.03)" in md  # the coreset's selected lr is stated
     for name in METHODS:
         assert f"| {name} |" in md
 

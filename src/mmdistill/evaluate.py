@@ -292,7 +292,8 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
     else:
         images = bundle.normalize(bundle.pixels01("train", image_ids, cfg.data.image_size))
     return [{"images": images, "texts": bundle.texts["train"][index], "captions": index,
-             "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]), "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
+             "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]),
+             "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
 
 
 def evaluate_coreset(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> dict:

@@ -305,6 +305,9 @@ def _protocol_note(methods: dict) -> str:
     if any(p.startswith("reference") for p in protocols):
         note += (" The reference protocol picks the epoch on the test split (as the published code does): biased"
                  " upward, for comparison with published numbers only.")
+    coreset_lrs = [f"{name} {entry['lr']:g}" for name, entry in methods.items() if entry.get("lr") is not None]
+    if coreset_lrs:
+        note += f" Coresets train at the lr that is best on validation ({', '.join(coreset_lrs)})."
     return note
 
 
