@@ -116,7 +116,9 @@ class SyntheticSet:
                 floor = (before / 2).clamp(min=LR_MIN)
                 if (self.syn[key] < floor).any():  # clipped: forget the momentum that pushed it there
                     self.syn[key].copy_(floor)
-                    self.optimizer.state[self.syn[key]]["momentum_buffer"].zero_()
+                    buffer = self.optimizer.state[self.syn[key]].get("momentum_buffer")
+                    if buffer is not None:  # None without momentum
+                        buffer.zero_()
 
     def ema_update(self) -> None:
         """EMA from the initial values, every step, no bias correction (ModelEmaV2, spec 5.7)."""

@@ -228,9 +228,10 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
     cfg = load_config("shapes-100", [f"device={device}"] if device else [])
     results = run(cfg, Path(out))
     methods = results["methods"]
-    distilled = methods[cfg.distill.method]["r_mean"]
-    print(f"{cfg.distill.method} r_mean = {distilled / methods['random']['r_mean']:.1f}x the random coreset's and"
-          f" {distilled / methods['full']['r_mean']:.2f}x the full data's")
+    distilled, random, full = (methods[m]["r_mean"] for m in (cfg.distill.method, "random", "full"))
+    if random > 0 and full > 0:
+        print(f"{cfg.distill.method} r_mean = {distilled / random:.1f}x the random coreset's and"
+              f" {distilled / full:.2f}x the full data's")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {Path(out) / 'report.html'} in a browser")
     return results
 
