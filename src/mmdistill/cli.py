@@ -26,9 +26,11 @@ def _config(args):
 def cmd_presets(args):
     from .config import _preset_chain, preset_names
 
-    for name in preset_names():
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
         description = next((raw["description"] for raw in reversed(_preset_chain(name)) if "description" in raw), "")
-        print(f"{name:<15} {description}")
+        print(f"{name:<{width}}  {description}")
 
 
 def cmd_prepare(args):
