@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -31,14 +30,15 @@ from torch.optim import SGD
 
 from . import __version__, distributed
 from .config import PhaseConfig, from_dict, to_dict
+from .coresets import random_pairs
 from .errors import UserError
-from .io import atomic_path, save_tensors, write_json
+from .io import append_jsonl, atomic_path, save_tensors, write_json
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
 from .similarity import init_similarity
 from .trajectory import matching_pair
-from .utils import derive_seed, generator, progress_bar, resolve_device
+from .utils import derive_seed, digest, generator, progress_bar, resolve_device
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
@@ -166,14 +166,8 @@ class Distiller:
     def init_synthetic(self, p: int, phase: PhaseConfig) -> dict[str, torch.Tensor]:
         """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init."""
         dc, gen = self.cfg.distill, generator(self.cfg.seed, "init", p)
-        split = self.bundle.splits["train"]
-        captions = torch.randperm(len(split.captions), generator=gen)[:phase.pairs]
-        image_ids = torch.tensor(split.txt2img)[captions]
-        if dc.space == "feature":
-            images = self.bundle.features["train"][image_ids]
-        else:
-            images = self.bundle.normalize(self.bundle.pixels01("train", image_ids, self.cfg.data.image_size))
-        texts = self.bundle.texts["train"][captions]
+        captions = random_pairs(len(self.bundle.splits["train"].captions), phase.pairs, gen)
+        images, texts = self.bundle.pairs("train", captions, dc.space, self.cfg.data.image_size)
         if dc.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen)
@@ -239,11 +233,11 @@ class Distiller:
                 if main:
                     bar.write(f"phase {p} iteration {k}: not finite; back to iteration {state.iteration},"
                               f" data lrs x{state.lr_factor:g}")
-                    _append(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
+                    append_jsonl(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
                 continue
             lr_img, lr_txt = (state.syn[key].item() for key in LR_KEYS.values())
             if main:
-                _append(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
+                append_jsonl(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
                                                 "lr_txt": lr_txt, "seconds": round(seconds, 4)})
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
@@ -291,12 +285,9 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
         if needed > store.epochs:
             raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
                             f" epochs 0..{store.epochs}")
-        if not distributed.is_main():
-            distributed.barrier()  # rank 0 builds the feature cache first
-        bundle = prepare(cfg, verbose=distributed.is_main())
-        if distributed.is_main():
+        with distributed.main_first():  # rank 0 builds the feature cache and the output folder
+            bundle = prepare(cfg, verbose=distributed.is_main())
             out.mkdir(parents=True, exist_ok=True)
-            distributed.barrier()
         distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device))
         for p, phase in enumerate(phases):
             done = out / f"phase-{p}.safetensors"
@@ -315,7 +306,7 @@ def fingerprint(cfg) -> str:
     raw = to_dict(cfg)
     raw.pop("device")
     raw.pop("cache_dir")
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(raw)
 
 
 def load_phase(path: Path) -> dict:
@@ -349,31 +340,28 @@ def _save_grid(images: torch.Tensor, bundle, path: Path) -> None:
         save_image((images * std + mean).clamp(0, 1), tmp, nrow=10, format="png")
 
 
+def _cosine_nearest(queries: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine, index) of the most similar row of `real` for each query, 256 queries at a time."""
+    real = F.normalize(real.float(), dim=1)
+    best = [(chunk @ real.T).max(dim=1) for chunk in F.normalize(queries.float(), dim=1).split(256)]
+    return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+
+
 def _save_nearest_grid(features: torch.Tensor, bundle, image_size: int, path: Path) -> None:
     """Feature-space phases have no pixels to show: the most cosine-similar real training image of each one."""
     from torchvision.utils import save_image
 
-    real = F.normalize(bundle.features["train"].float(), dim=1)
-    nearest = torch.cat([(chunk @ real.T).argmax(dim=1) for chunk in F.normalize(features.float(), dim=1).split(256)])
+    _, nearest = _cosine_nearest(features, bundle.features["train"])
     with atomic_path(path) as tmp:
         save_image(bundle.pixels01("train", nearest, image_size), tmp, nrow=10, format="png")
 
 
 def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
     """For each synthetic text, the most cosine-similar real training caption."""
-    real = F.normalize(bundle.texts["train"], dim=1)
     captions = bundle.splits["train"].captions
-    records = []
-    for chunk in F.normalize(texts.float(), dim=1).split(256):
-        best, index = (chunk @ real.T).max(dim=1)
-        records += [{"caption": captions[i], "caption_id": i, "similarity": round(s, 4)}
-                    for s, i in zip(best.tolist(), index.tolist())]
-    return records
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    best, index = _cosine_nearest(texts, bundle.texts["train"])
+    return [{"caption": captions[i], "caption_id": i, "similarity": round(s, 4)}
+            for s, i in zip(best.tolist(), index.tolist())]
 
 
 def _trim_history(path: Path, p: int, iteration: int) -> None:

@@ -63,6 +63,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block before the other ranks do (e.g. it builds a cache that they then read)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
 def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     """Average each tensor over the ranks, in place."""
     if dist.is_initialized():

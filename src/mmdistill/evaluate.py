@@ -286,12 +286,8 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
             features = torch.cat([image_emb[torch.tensor(split.txt2img, device=device)], text_emb], dim=1)
             index = select_coreset(method, pairs, generator=gen, features=features)
     index = index.cpu()
-    image_ids = torch.tensor(split.txt2img)[index]
-    if cfg.distill.space == "feature":
-        images = bundle.features["train"][image_ids]
-    else:
-        images = bundle.normalize(bundle.pixels01("train", image_ids, cfg.data.image_size))
-    return [{"images": images, "texts": bundle.texts["train"][index], "captions": index,
+    images, texts = bundle.pairs("train", index, cfg.distill.space, cfg.data.image_size)
+    return [{"images": images, "texts": texts, "captions": index,
              "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]),
              "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
 

@@ -12,7 +12,6 @@ the layouts, the training history and a fingerprint of the config keys that shap
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,10 +30,10 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .config import to_dict
 from .errors import UserError
-from .io import atomic_path, save_tensors, write_json, write_text
+from .io import append_jsonl, atomic_path, save_tensors, write_json, write_text
 from .losses import LOSSES
 from .model import GROUPS, ParamLayout, build_bench_model, build_model
-from .utils import derive_seed, generator, progress_bar, resolve_device
+from .utils import derive_seed, digest, generator, progress_bar, resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXPERT_FILE = re.compile(r"expert-(\d+)\.safetensors")
@@ -150,7 +149,7 @@ def config_fingerprint(cfg) -> str:
     raw = to_dict(cfg)
     experts = {k: v for k, v in raw["experts"].items() if k != "count"}
     key = {"seed": raw["seed"], "data": raw["data"], "model": raw["model"], "experts": experts}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(key)
 
 
 def _flip(cfg, bundle) -> bool:
@@ -228,12 +227,6 @@ def retrieval_recall(model, cfg, bundle, split_name: str, device: torch.device, 
     return retrieval_metrics(model.similarity(image_emb, text_emb).cpu(), split.img2txt, split.txt2img)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    """One line per write call, so ranks appending to the same log do not interleave."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _train_epoch(model, optimizer, loss_fn, batches, texts: torch.Tensor, device: torch.device, bar,
                  where: str) -> float:
     """One pass over `batches` with the identity target; returns the mean loss per pair."""
@@ -271,7 +264,7 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
     snapshots = [{g: v.cpu() for g, v in model.get_flat().items()}]
     norms: list[dict[str, torch.Tensor]] = []
     history = [{"epoch": 0, "loss": None, "seconds": 0.0, **retrieval_recall(model, cfg, bundle, "validation", device)}]
-    _append_jsonl(log, {"expert": index, "split": "validation", **history[0]})
+    append_jsonl(log, {"expert": index, "split": "validation", **history[0]})
     batches_per_epoch = -(-len(bundle.splits["train"].captions) // ec.batch_size)
     cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), \
@@ -290,9 +283,9 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
             record = {"epoch": epoch, "loss": loss, "seconds": seconds,
                       **retrieval_recall(model, cfg, bundle, "validation", device)}
             history.append(record)
-            _append_jsonl(log, {"expert": index, "split": "validation", **record})
+            append_jsonl(log, {"expert": index, "split": "validation", **record})
     test = retrieval_recall(model, cfg, bundle, "test", device)
-    _append_jsonl(log, {"expert": index, "split": "test", "epoch": ec.epochs, **test})
+    append_jsonl(log, {"expert": index, "split": "test", "epoch": ec.epochs, **test})
     tqdm.write(f"expert {index}: val r_mean {history[-1]['r_mean']:.2f}, test r_mean {test['r_mean']:.2f},"
                f" {statistics.fmean(r['seconds'] for r in history[1:]):.2f} s/epoch")
     write_expert(
@@ -360,11 +353,8 @@ def train_experts(cfg, out_dir: Path) -> None:
         if world > 1:
             print(f"rank {rank}/{world} trains experts {mine}")
         if todo:  # the same on every rank, so all of them pass the same barriers
-            if not distributed.is_main():
-                distributed.barrier()
-            bundle = prepare(cfg, verbose=distributed.is_main())
-            if distributed.is_main():
-                distributed.barrier()
+            with distributed.main_first():  # rank 0 builds the feature cache
+                bundle = prepare(cfg, verbose=distributed.is_main())
             for index in mine:
                 train_expert(cfg, bundle, index, out_dir, resolve_device(cfg.device))
         distributed.barrier()

@@ -6,7 +6,6 @@ misses the cache instead of returning stale features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from .data.transforms import build_transform
 from .encoders import build_image_encoder, build_text_encoder
 from .errors import UserError
 from .io import save_tensors
-from .utils import progress_bar, resolve_device
+from .utils import digest, progress_bar, resolve_device
 
 # Bump when the way features are computed changes, so older cache files are no longer picked up.
 FEATURE_FORMAT_VERSION = 1
@@ -90,8 +89,7 @@ def _pixel_batches(split, transform, batch_size: int) -> Iterator[torch.Tensor]:
 def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     """Where the features described by `key` are cached."""
     key = dict(key, format=FEATURE_FORMAT_VERSION)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser() / "features" / f"{key['kind']}-{digest}.safetensors"
+    return Path(cache_dir).expanduser() / "features" / f"{key['kind']}-{digest(key)}.safetensors"
 
 
 def _save(path: Path, features: torch.Tensor, key: dict, split) -> None:

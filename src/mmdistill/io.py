@@ -58,6 +58,12 @@ def write_json(obj, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line in one write call, so processes appending to the same log do not interleave."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

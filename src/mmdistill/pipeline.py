@@ -17,7 +17,6 @@ with the same fingerprint continues from its files (finished experts, distillati
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import time
@@ -31,15 +30,11 @@ from .config import ABLATION, METHODS, load_config, to_dict, with_method
 from .coresets import CORESETS
 from .errors import UserError
 from .io import write_json
-from .report import write_report, write_table_report
+from .utils import digest
+from .report import STAGES, write_report, write_table_report
 
-STAGES = ("prepare", "experts", "distill", "evaluate", "report")
 QUALITY = ("mtt-vl", "lors", "ptm-st", "ptm-st+blend", *CORESETS, "full")
 CURVE_POINTS = 4  # intermediate snapshots per phase evaluated for the recall curve (1 run each)
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sections(cfg, *names: str) -> dict:
@@ -77,7 +72,7 @@ class Ledger:
         `owns`: paths deleted before a fresh run; `needs`: files that must exist to reuse the record. The record
         keeps fn's JSON result and a version that the fingerprints of downstream stages include.
         """
-        fingerprint = _digest(inputs)
+        fingerprint = digest(inputs)
         old = self.records.get(key, {})
         same = old.get("fingerprint") == fingerprint
         start = time.perf_counter()
@@ -89,7 +84,7 @@ class Ledger:
                 for path in owns:
                     _remove(Path(path))
             result = fn(resume)
-            version = _digest([fingerprint, time.time_ns()])
+            version = digest([fingerprint, time.time_ns()])
             self._save(key, {"fingerprint": fingerprint, "done": True, "version": version,
                              "seconds": round(time.perf_counter() - start, 3), "result": result})
         seconds = time.perf_counter() - start

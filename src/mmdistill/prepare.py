@@ -48,11 +48,16 @@ class Prepared:
         transform = build_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
         return torch.stack([transform(load_image(self.splits[split], i)) for i in ids.tolist()])
 
-    def image_inputs(self, split: str, space: str = "pixel") -> torch.Tensor:
-        """What the student's image side eats for a split: frozen features, or normalised pixels."""
+    def pairs(self, split: str, captions: torch.Tensor, space: str,
+              image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, texts) of some caption entries of a split, each caption with its image: frozen image features
+        (space "feature") or normalised pixels, and caption features."""
+        image_ids = torch.tensor(self.splits[split].txt2img)[captions]
         if space == "feature":
-            return self.features[split]
-        return self.normalize(self.pixels[split])
+            images = self.features[split][image_ids]
+        else:
+            images = self.normalize(self.pixels01(split, image_ids, image_size))
+        return images, self.texts[split][captions]
 
 
 def cache_dir(cfg) -> Path:

@@ -19,12 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .coresets import CORESETS  # noqa: E402
 from .evaluate import METRICS  # noqa: E402
 from .io import write_text  # noqa: E402
 
-STAGES = ("prepare", "experts", "distill", "evaluate", "report")
+STAGES = ("prepare", "experts", "distill", "evaluate", "report")  # results.json timing keys, in pipeline order
 REFERENCE = "full"  # the full-data upper bound: shown, but not in the competition for the best cell
-BASELINES = ("random", "herding", "kcenter", "forgetting", "full")
+BASELINES = (*CORESETS, REFERENCE)
 
 # One colour per method everywhere: distilled methods in saturated colours, coresets in greys, full data green.
 COLOURS = {"ptm-st": "#1f5fa8", "ptm-st+blend": "#3a9bd9", "lors": "#e07b1a", "mtt-vl": "#c0392b",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 
@@ -12,8 +13,13 @@ from tqdm.auto import tqdm
 
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed that depends only on (seed, *keys): expert i or iteration k get independent streams."""
-    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    hashed = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(hashed[:8], "little") & ((1 << 63) - 1)
+
+
+def digest(obj) -> str:
+    """16 hex characters of the SHA-256 of `obj` as canonical JSON: the key of a cache file, stage or config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def generator(seed: int, *keys) -> torch.Generator:
