@@ -5,6 +5,7 @@ User errors (bad preset, key, value, file) print one line `mmdistill: error: ...
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.func is cmd_experts and not (args.preset and args.out):
         parser.error("experts: --preset and --out are required")
     if args.func is cmd_bench and args.what != "metrics" and not args.preset:

@@ -7,15 +7,19 @@ rejected with a one-line `UserError` naming the key and its close matches, befor
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import yaml
-from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
+from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf, UnionNode
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from .errors import UserError
+
+
+AUTO = "auto"  # a setting measured from the data and the experts at run time
 
 
 @dataclass
@@ -95,12 +99,17 @@ class DistillConfig:
     similarity: str = "full"  # identity | full | lowrank
     sim_rank: int = 10
     sim_alpha: float = 1.0
-    lr_images: float = 1000.0
-    lr_texts: float = 1000.0
+    # Data learning rates and the student's initial lr: a number, or "auto" (calibrate.py measures them on
+    # each phase's initial synthetic set and experts; the chosen values and reasons go to meta.json).
+    lr_images: Union[float, str] = AUTO
+    lr_texts: Union[float, str] = AUTO
+    lr_sim: Union[float, str] = AUTO
+    lr_init: Union[float, str] = AUTO  # initial learnable student learning rate (alpha_img = alpha_txt)
+    # How the learned student lrs move: log-adam (Adam on log(lr): each iteration changes an lr by about
+    # lr_lr as a fraction, whatever its gradient's size) or sgd (the reference: SGD with momentum on the lr).
+    lr_update: str = "log-adam"
     lr_lr: float = 0.01
-    lr_sim: float = 10.0
     momentum: float = 0.5
-    lr_init: float = 0.1  # initial learnable student learning rate (alpha_img = alpha_txt)
     space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
     init: str = "real"  # real | noise
     gradient: str = "fd"  # fd (fast constant-memory) | exact (constant-memory, double backward) | unroll
@@ -149,11 +158,8 @@ class Config:
 _PTM_ST = {"use_phases": True, "use_shortcut": True, "use_ema": True, "similarity": "full", "loss": "wbce",
            "blend.enabled": False}
 METHODS: dict[str, dict[str, Any]] = {
-    # Wu et al. pair lr_lr 0.01 with logit scale 2.66; at our temperature 0.07 (scale 14.3) the unrolled lr
-    # gradient is far larger and lr_lr 0.01 leaves the learned lrs oscillating (shapes-100: no matching progress
-    # in 200 iterations, r_mean 1.3); 0.001 learns (29.0).
     "mtt-vl": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "identity",
-               "loss": "nce", "gradient": "unroll", "blend.enabled": False, "lr_lr": 0.001},
+               "loss": "nce", "gradient": "unroll", "blend.enabled": False},
     "lors": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "lowrank",
              "loss": "wbce", "blend.enabled": False},
     "ptm-st": _PTM_ST,
@@ -179,9 +185,13 @@ CHOICES = {
     "distill.space": ("pixel", "feature"),
     "distill.init": ("real", "noise"),
     "distill.gradient": ("fd", "exact", "unroll"),
+    "distill.lr_update": ("log-adam", "sgd"),
     "evaluate.lr_schedule": ("per-phase", "global"),
     "evaluate.protocol": ("val", "reference"),
 }
+
+
+AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")
 
 
 def preset_names() -> list[str]:
@@ -234,6 +244,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _number_or_text(text: str) -> float | str:
+    """'1e3' is a string to YAML 1.1 but a number to a user; anything else stays text (and fails validation)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
     """Set a dotted key on a structured config; list items by index (`distill.phases.0.pairs`)."""
     parts = key.split(".")
@@ -251,8 +269,10 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
             if last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
-            if isinstance(target, FloatNode) and _is_int(value):
+            if isinstance(target, (FloatNode, UnionNode)) and _is_int(value):
                 value = float(value)
+            elif isinstance(target, UnionNode) and isinstance(value, str) and value != AUTO:
+                value = _number_or_text(value)
             elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
                 value = [float(v) if _is_int(v) else v for v in value]
             node[last] = value
@@ -353,6 +373,12 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if not OmegaConf.select(cfg, key) > 0:
             raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    for key in AUTO_KEYS:
+        value = cfg.distill[key]
+        if value != AUTO and not (isinstance(value, float) and math.isfinite(value) and value > 0):
+            raise UserError(f"bad value {value!r} for 'distill.{key}': a finite number > 0, or auto")
+    if not (math.isfinite(cfg.distill.lr_lr) and cfg.distill.lr_lr >= 0):
+        raise UserError(f"bad value {cfg.distill.lr_lr!r} for 'distill.lr_lr': a finite number >= 0")
     if not all(lr > 0 for lr in cfg.evaluate.coreset_lrs):
         raise UserError(f"bad value {list(cfg.evaluate.coreset_lrs)!r} for 'evaluate.coreset_lrs': each must be > 0")
     if not 0.0 <= cfg.distill.ema_decay < 1.0:

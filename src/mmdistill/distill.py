@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -29,7 +30,9 @@ from safetensors import SafetensorError, safe_open
 from torch.optim import SGD
 
 from . import __version__, distributed
-from .config import PhaseConfig, from_dict, to_dict
+from .calibrate import DATA_KEYS, calibrate
+from .collapse import CollapseWatch, no_move_loss
+from .config import AUTO, PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
 from .io import append_jsonl, atomic_path, save_tensors, write_json
@@ -39,6 +42,8 @@ from .model import build_bench_model, build_model
 from .similarity import init_similarity
 from .trajectory import matching_pair
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
+
+logger = logging.getLogger(__name__)
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
@@ -61,23 +66,33 @@ def plan_phases(cfg) -> list[PhaseConfig]:
 
 
 class SyntheticSet:
-    """One phase's learnable variables (images, texts, S parameters, student lrs) with their SGD and EMA.
+    """One phase's learnable variables (images, texts, S parameters, student lrs) with their updates and EMA.
 
-    `gradient_step` remembers the state it started from: the last state whose loss and gradients were finite,
-    which `rollback` returns to when a later loss, gradient or update is not.
+    The data (images, texts, S) take SGD steps with momentum at the lrs `data_lrs` (calibrated or configured).
+    The learned student lrs take steps on log(lr) with Adam (`lr_update: log-adam`), so one iteration changes an
+    lr by about `lr_lr` as a fraction, never more than a few times that: every matching gradient scales with
+    the lr, and a plain SGD step on it either overshoots (the next loss explodes) or, once the lr is small,
+    can never bring it back. `lr_update: sgd` is the reference's update (SGD with momentum on the lr itself),
+    kept above LR_MIN. `gradient_step` remembers the state it started from: the last state whose loss and
+    gradients were finite, which `rollback` returns to when a later loss, gradient or update is not.
     """
 
-    def __init__(self, syn: dict[str, torch.Tensor], dc):
+    def __init__(self, syn: dict[str, torch.Tensor], dc, data_lrs: dict[str, float]):
         self.dc = dc
         self.syn = {k: v.detach().clone().requires_grad_() for k, v in syn.items()}
         self.ema = {k: v.detach().clone() for k, v in syn.items()}
         self.decay = dc.ema_decay if dc.use_ema else 0.0  # decay 0: the "EMA" is the live state
-        self.base_lrs = {"images": dc.lr_images, "texts": dc.lr_texts, "sim": dc.lr_sim, "lr": dc.lr_lr}
+        self.base_lrs = {**data_lrs, "lr": dc.lr_lr}
         groups = {}
         for name, tensor in self.syn.items():
-            groups.setdefault(GROUP_OF.get(name, "sim"), []).append(tensor)
+            group = GROUP_OF.get(name, "sim")
+            if group != "lr" or dc.lr_update == "sgd":
+                groups.setdefault(group, []).append(tensor)
         self.optimizer = SGD([{"params": params, "lr": self.base_lrs[g], "name": g} for g, params in groups.items()],
                              momentum=dc.momentum)
+        # Adam moments of log(lr) per learned lr, and the step count (log-adam only)
+        self.lr_moments = {key: torch.zeros(2, *self.syn[key].shape) for key in LR_KEYS.values()}
+        self.lr_steps = 0
         self.iteration, self.lr_factor, self.recoveries = 0, 1.0, []
         self.good = self.snapshot()
 
@@ -85,7 +100,8 @@ class SyntheticSet:
         """Everything a rollback or a resume restores (not the lr factor or the recoveries: they only grow)."""
         return {"iteration": self.iteration, "syn": {k: v.detach().clone() for k, v in self.syn.items()},
                 "ema": {k: v.clone() for k, v in self.ema.items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "lr_moments": {k: v.clone() for k, v in self.lr_moments.items()}, "lr_steps": self.lr_steps}
 
     def restore(self, snapshot: dict) -> None:
         self.iteration = snapshot["iteration"]
@@ -94,31 +110,36 @@ class SyntheticSet:
                 v.copy_(snapshot["syn"][k])
         self.ema = {k: v.clone().to(self.ema[k]) for k, v in snapshot["ema"].items()}
         self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))  # SGD would alias its buffers
+        self.lr_moments = {k: v.clone() for k, v in snapshot["lr_moments"].items()}
+        self.lr_steps = snapshot["lr_steps"]
         for group in self.optimizer.param_groups:
             scaled = group["name"] != "lr"  # NaN recovery slows the data, not the learned lrs
             group["lr"] = self.base_lrs[group["name"]] * (self.lr_factor if scaled else 1.0)
 
     def gradient_step(self, grads: dict[str, torch.Tensor]) -> None:
-        """One SGD step on the synthetic variables.
-
-        A learned lr may shrink by at most half per step (and stays above LR_MIN), and a clipped step clears its
-        momentum: when the first targets of a late phase are much closer than lr_init steps reach, one plain
-        step (or the momentum it leaves) drives it to the floor, where every gradient (all scale with the lr)
-        vanishes and the phase never recovers.
-        """
+        """One step on every synthetic variable: SGD on the data, the lr update of `lr_update` on the lrs."""
         self.good = self.snapshot()
-        lrs_before = {key: self.syn[key].detach().clone() for key in LR_KEYS.values()}
         for k, v in self.syn.items():
             v.grad = grads[k].to(v)
         self.optimizer.step()
         with torch.no_grad():
-            for key, before in lrs_before.items():
-                floor = (before / 2).clamp(min=LR_MIN)
-                if (self.syn[key] < floor).any():  # clipped: forget the momentum that pushed it there
-                    self.syn[key].copy_(floor)
-                    buffer = self.optimizer.state[self.syn[key]].get("momentum_buffer")
-                    if buffer is not None:  # None without momentum
-                        buffer.zero_()
+            if self.dc.lr_update == "log-adam":
+                self._log_adam_step()
+            for key in LR_KEYS.values():
+                self.syn[key].clamp_(min=LR_MIN)
+
+    def _log_adam_step(self) -> None:
+        """Adam (betas 0.9 / 0.999, eps 1e-8, bias-corrected) on u = log(lr), with dL/du = lr dL/dlr."""
+        self.lr_steps += 1
+        for key in LR_KEYS.values():
+            lr = self.syn[key]
+            grad = (lr * lr.grad).cpu()
+            moments = self.lr_moments[key]
+            moments[0].mul_(0.9).add_(grad, alpha=0.1)
+            moments[1].mul_(0.999).addcmul_(grad, grad, value=0.001)
+            mean = moments[0] / (1 - 0.9 ** self.lr_steps)
+            spread = (moments[1] / (1 - 0.999 ** self.lr_steps)).sqrt() + 1e-8
+            lr.mul_(torch.exp(-self.dc.lr_lr * mean / spread).to(lr))
 
     def ema_update(self) -> None:
         """EMA from the initial values, every step, no bias correction (ModelEmaV2, spec 5.7)."""
@@ -164,14 +185,15 @@ class Distiller:
                         "mode": dc.gradient, "merge_branches": dc.merge_loss_branches}
 
     def init_synthetic(self, p: int, phase: PhaseConfig) -> dict[str, torch.Tensor]:
-        """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init."""
+        """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init
+        (a placeholder until the phase's calibration sets it)."""
         dc, gen = self.cfg.distill, generator(self.cfg.seed, "init", p)
         captions = random_pairs(len(self.bundle.splits["train"].captions), phase.pairs, gen)
         images, texts = self.bundle.pairs("train", captions, dc.space, self.cfg.data.image_size)
         if dc.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen)
-        lr = torch.tensor([dc.lr_init])
+        lr = torch.tensor([dc.lr_init if dc.lr_init != AUTO else 0.0])
         syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, dc.sim_rank, gen),
                "lr_img": lr, "lr_txt": lr.clone()}
         return {k: v.float().to(self.device) for k, v in syn.items()}
@@ -211,17 +233,28 @@ class Distiller:
         return loss.item() if state.finite() else None
 
     def run_phase(self, p: int, phase: PhaseConfig, out: Path, resume: bool) -> SyntheticSet:
-        dc = self.cfg.distill
-        state = SyntheticSet(self.init_synthetic(p, phase), dc)
+        dc, main = self.cfg.distill, distributed.is_main()
+        syn = self.init_synthetic(p, phase)
+        calibration = calibrate(self, p, phase, syn)
+        syn["lr_img"] = syn["lr_txt"] = torch.full_like(syn["lr_img"], calibration.lr_init)
+        state = SyntheticSet(syn, dc, calibration.data_lrs())
+        state.calibration = calibration
         checkpoint = out / "checkpoints" / f"phase-{p}.pt"
         if resume and checkpoint.exists():
             saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
             if saved["fingerprint"] == fingerprint(self.cfg):  # another config's checkpoint: start over
                 state.load_checkpoint(saved)
-        main = distributed.is_main()
         if main:
             checkpoint.parent.mkdir(exist_ok=True)
             _trim_history(out / "history.jsonl", p, state.iteration)
+            for key, reason in calibration.reasons.items():
+                logger.info("phase %d: %s = %.4g (%s)", p, key, getattr(calibration, key), reason)
+            if state.iteration == 0:
+                append_jsonl(out / "history.jsonl", {"phase": p, "iteration": 0, "event": "calibration",
+                                                     **calibration.to_json()})
+        watch = CollapseWatch(no_move_loss(dc), calibration.lr_init, phase.iterations)
+        for record in _phase_history(out / "history.jsonl", p) if resume else []:
+            watch.update(record["loss"], (record["lr_img"], record["lr_txt"]), record["iteration"])
         bar = progress_bar(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
         while state.iteration < phase.iterations:
             k, started = state.iteration, time.perf_counter()
@@ -236,17 +269,23 @@ class Distiller:
                     append_jsonl(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
                 continue
             lr_img, lr_txt = (state.syn[key].item() for key in LR_KEYS.values())
+            newly_collapsed = watch.update(loss, (lr_img, lr_txt), k)
             if main:
                 append_jsonl(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
-                                                "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                                                     "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                if newly_collapsed:
+                    bar.write(f"phase {p}: COLLAPSED at iteration {k}: {watch.collapse['reason']}")
+                    append_jsonl(out / "history.jsonl", {"phase": p, "event": "collapse", **watch.collapse})
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
                     with atomic_path(checkpoint) as tmp:
                         torch.save({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, tmp)
-            bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}",
+                            **({"status": "COLLAPSED"} if watch.collapse else {}))
             bar.update(1)
         bar.close()
+        state.collapse = watch.collapse
         return state
 
     def save_phase(self, p: int, phase: PhaseConfig, state: SyntheticSet, out: Path) -> None:
@@ -265,7 +304,8 @@ class Distiller:
         dc = self.cfg.distill
         metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
-                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": fingerprint(self.cfg)}
+                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": fingerprint(self.cfg),
+                    "calibration": state.calibration.to_json(), "collapse": getattr(state, "collapse", None)}
         # One JSON entry: safetensors stores metadata in a hash map whose order changes from process to process.
         save_tensors({k: v.detach().cpu() for k, v in state.ema.items()}, path,
                      {"mmdistill": json.dumps(metadata, sort_keys=True)})
@@ -364,6 +404,14 @@ def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
             for s, i in zip(best.tolist(), index.tolist())]
 
 
+def _phase_history(path: Path, p: int) -> list[dict]:
+    """Phase p's iteration records in history.jsonl (events excluded)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["phase"] == p and "loss" in r]
+
+
 def _trim_history(path: Path, p: int, iteration: int) -> None:
     """Drop history lines from phase p's iteration `iteration` on: a resumed run writes them again."""
     if not path.exists():
@@ -390,7 +438,8 @@ def _write_meta(cfg, phases: list[PhaseConfig], out: Path) -> None:
             if (out / f"phase-{p}.safetensors").exists()]
     write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
                 "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
-                            "recoveries": d["recoveries"]} for phase, d in zip(phases, done)],
+                            "recoveries": d["recoveries"], "calibration": d.get("calibration"),
+                            "collapse": d.get("collapse")} for phase, d in zip(phases, done)],
                 "lr_source": "ema", "version": __version__, "git_commit": _git_commit(),
                 "world_size": distributed.world_size()}, out / "meta.json")
 
@@ -414,10 +463,11 @@ def _bench_setup(cfg, syn_steps: int):
         images = torch.randn(pairs, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
     else:
         images = torch.randn(pairs, model.frozen_image_encoder.out_dim, generator=gen)
-    lr = torch.tensor([dc.lr_init])
+    lr = torch.tensor([_nominal(dc.lr_init, 0.01)])
     syn = {"images": images, "texts": torch.randn(pairs, model.text_projection.projection.in_features, generator=gen),
            **init_similarity(dc.similarity, pairs, dc.sim_rank, gen), "lr_img": lr, "lr_txt": lr.clone()}
-    state = SyntheticSet({k: v.to(device) for k, v in syn.items()}, dc)
+    data_lrs = {group: _nominal(dc[key], 1.0) for group, key in DATA_KEYS.items()}  # speed does not depend on them
+    state = SyntheticSet({k: v.to(device) for k, v in syn.items()}, dc, data_lrs)
     initial = state.snapshot()
     theta_start = model.get_flat()
     theta_target = {g: t + 0.01 * torch.randn(t.shape, generator=gen).to(t) for g, t in theta_start.items()}
@@ -441,6 +491,11 @@ def _bench_setup(cfg, syn_steps: int):
             theta = {g: point[g].detach() - 0.1 * grad for g, grad in zip(point, grads)}
 
     return iteration, plain, device
+
+
+def _nominal(value, fallback: float) -> float:
+    """A configured lr, or `fallback` where it is auto (the benchmark has no experts to calibrate on)."""
+    return fallback if value == AUTO else float(value)
 
 
 def _memory_probe(raw_cfg: dict, syn_steps: int, mode: str) -> float:
