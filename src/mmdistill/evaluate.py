@@ -342,13 +342,43 @@ def results_path(out: Path) -> Path:
 
 
 def format_table(methods: dict) -> str:
-    """One line per method: the six recalls, r_mean +- std, runs."""
-    header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}"
+    """One line per method: the six recalls, r_mean +- std, runs, and FAILED / BELOW RANDOM where it applies."""
+    header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}  status"
     lines = [header]
     for name, entry in methods.items():
         recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
-        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}")
-    return "\n".join(lines)
+        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
+                     f"  {method_status(entry, methods)}".rstrip())
+    notes = failure_notes(methods)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def method_status(entry: dict, methods: dict) -> str:
+    """FAILED for a distillation with a collapsed phase, BELOW RANDOM for one under the random coreset."""
+    if entry.get("collapsed_phases"):
+        return "FAILED"
+    random = methods.get("random")
+    if "collapsed_phases" in entry and random is not None and entry["r_mean"] < random["r_mean"]:
+        return "BELOW RANDOM"
+    return ""
+
+
+def failure_notes(methods: dict) -> list[str]:
+    """Plain sentences for every distilled set that failed or lost to the random coreset."""
+    notes, random = [], methods.get("random")
+    for name, entry in methods.items():
+        for collapse in entry.get("collapsed_phases", []):
+            notes.append(f"{name} FAILED: phase {collapse['phase']} collapsed at iteration {collapse['iteration']}"
+                         f" ({collapse['reason']}); its distilled set is not a result.")
+        if random is not None and "collapsed_phases" in entry and entry["r_mean"] < random["r_mean"]:
+            notes.append(f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
+                         " the distilled set is worse than the same number of random real pairs.")
+    return notes
+
+
+def collapsed_phases(phases: list[dict]) -> list[dict]:
+    """The collapse records of a distilled set's phases (empty when every phase learned)."""
+    return [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases) if phase.get("collapse")]
 
 
 def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
@@ -368,7 +398,8 @@ def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
         results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
     bundle = prepare(cfg)
     start = time.perf_counter()
-    results["methods"][method] = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+    entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+    results["methods"][method] = {**entry, "collapsed_phases": collapsed_phases(phases)}
     results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
     write_json(results, path)
     print(format_table(results["methods"]))

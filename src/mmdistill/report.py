@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .coresets import CORESETS  # noqa: E402
-from .evaluate import METRICS  # noqa: E402
+from .evaluate import METRICS, failure_notes, method_status  # noqa: E402
 from .io import write_text  # noqa: E402
 
 STAGES = ("prepare", "experts", "distill", "evaluate", "report")  # results.json timing keys, in pipeline order
@@ -70,10 +70,11 @@ def best_methods(methods: dict) -> dict[str, set[str]]:
 def markdown_table(methods: dict) -> str:
     """Mean ± std per metric, best per column (full data excluded) in bold."""
     best = best_methods(methods)
-    lines = ["| method | " + " | ".join(METRICS) + " | runs |", "|---" * (len(METRICS) + 2) + "|"]
+    lines = ["| method | " + " | ".join(METRICS) + " | runs | status |", "|---" * (len(METRICS) + 3) + "|"]
     for name, entry in methods.items():
         cells = [f"**{_cell(entry, m)}**" if name in best[m] else _cell(entry, m) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('runs', '')} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('runs', '')} |"
+                     f" {method_status(entry, methods)} |")
     return "\n".join(lines)
 
 
@@ -86,8 +87,11 @@ def _html_table(methods: dict) -> str:
                         else f"<td>{_cell(entry, m)}</td>" for m in METRICS)
         swatch = f"<span class=\"swatch\" style=\"background:{colour(name)}\"></span>"
         css = " class=\"reference\"" if name == REFERENCE else ""
-        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{entry.get('runs', '')}</td></tr>")
-    return (f"<table class=\"results\"><thead><tr><th>method</th>{head}<th>runs</th></tr></thead>"
+        status = method_status(entry, methods)
+        status_cell = f"<td class=\"failed\">{status}</td>" if status else "<td></td>"
+        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{entry.get('runs', '')}</td>"
+                    f"{status_cell}</tr>")
+    return (f"<table class=\"results\"><thead><tr><th>method</th>{head}<th>runs</th><th>status</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -321,6 +325,8 @@ def write_report(run_dir: Path, results: dict) -> None:
     doc = _Document(run_dir)
 
     doc.heading("Retrieval on the test split")
+    for warning in failure_notes(methods):
+        doc.raw(f"**Warning:** {warning}", f"<p class=\"warning\">{html.escape(warning)}</p>")
     doc.raw(markdown_table(methods), _html_table(methods))
     doc.note("Mean ± std over the evaluation runs (seeds). IR = text→image, TR = image→text, recall in %. Best "
              "per column in bold; full data is the upper reference and is not ranked. " + _protocol_note(methods))
@@ -413,6 +419,8 @@ _HTML = """<!doctype html>
   main {{ max-width: 1040px; margin: 0 auto; padding: 32px 28px 48px; background: #fff; min-height: 100vh;
          box-shadow: 0 0 24px rgba(0,0,0,.06); }}
   h1 {{ margin: 0 0 4px; font-size: 26px; }}
+  .warning {{ background: #fdecea; border-left: 4px solid #c62828; padding: 8px 12px; color: #8e1c1c; }}
+  td.failed {{ color: #c62828; font-weight: 600; }}
   .subtitle {{ margin: 0 0 24px; color: #5b6475; }}
   h2 {{ margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid #e3e6eb; font-size: 19px; }}
   h3 {{ margin: 24px 0 8px; font-size: 16px; color: #3a4252; }}

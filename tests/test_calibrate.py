@@ -1,0 +1,120 @@
+"""`auto` settings measured per phase, the collapse watch, and failed distillations shown as failed."""
+import math
+
+import pytest
+import torch
+
+from mmdistill.calibrate import LR_GRID, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate
+from mmdistill.collapse import CollapseWatch, window_for
+from mmdistill.config import load_config, with_method
+from mmdistill.distill import Distiller, plan_phases
+from mmdistill.errors import UserError
+from mmdistill.evaluate import failure_notes, format_table
+from mmdistill.experts import ExpertStore, train_experts
+from mmdistill.matching import matching_gradient
+from mmdistill.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    overrides = [f"cache_dir={root / 'cache'}"]
+    train_experts(load_config("shapes-tiny", overrides), root / "experts")
+    return root, overrides
+
+
+def _distiller(tiny, cfg):
+    return Distiller(cfg, ExpertStore(tiny[0] / "experts"), prepare(cfg), torch.device("cpu"))
+
+
+def test_calibration_returns_the_documented_values(tiny):
+    cfg = load_config("shapes-tiny", tiny[1])
+    distiller = _distiller(tiny, cfg)
+    phase = plan_phases(cfg)[0]
+    syn = distiller.init_synthetic(0, phase)
+    result = calibrate(distiller, 0, phase, syn)
+    # lr_init: LR_MARGIN x the grid lr with the lowest mean matching loss, which beats a student that stays put
+    assert [lr for lr, _ in result.scan] == list(LR_GRID)
+    best_lr = min(result.scan, key=lambda item: item[1])[0]
+    assert result.lr_init == pytest.approx(LR_MARGIN * best_lr) and min(loss for _, loss in result.scan) < 2.0
+    # data lrs: the first SGD step moves each variable by RELATIVE_STEP of its norm, for the mean gradient norm
+    # over the same expert windows at lr_init
+    value = torch.full_like(syn["lr_img"], result.lr_init)
+    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
+    norms = {"images": [], "texts": [], "sim": []}
+    for theta_start, theta_target, plan in _windows(distiller, 0, phase):
+        _, grads = matching_gradient(distiller.model, at_init, theta_start, theta_target, plan, **distiller.options)
+        norms["images"].append(grads["images"].norm().item())
+        norms["texts"].append(grads["texts"].norm().item())
+        norms["sim"].append(grads["sim_full"].norm().item())
+    assert len(norms["images"]) == SAMPLES
+    for group, key, tensor in (("images", "lr_images", "images"), ("texts", "lr_texts", "texts"),
+                               ("sim", "lr_sim", "sim_full")):
+        step = getattr(result, key) * sum(norms[group]) / SAMPLES
+        assert step / syn[tensor].norm().item() == pytest.approx(RELATIVE_STEP[group], rel=1e-4)
+        assert result.reasons[key].startswith("auto:")
+
+
+def test_configured_values_win_and_identity_similarity_needs_no_lr(tiny):
+    cfg = with_method(load_config("shapes-tiny", tiny[1] + ["distill.lr_init=0.02", "distill.lr_texts=3"]),
+                      "mtt-vl")
+    distiller = _distiller(tiny, cfg)
+    phase = plan_phases(cfg)[0]
+    result = calibrate(distiller, 0, phase, distiller.init_synthetic(0, phase))
+    assert result.lr_init == 0.02 and result.lr_texts == 3.0 and result.scan == []
+    assert result.reasons["lr_init"] == result.reasons["lr_texts"] == "set in the config"
+    assert result.lr_sim == 0.0 and "no parameters" in result.reasons["lr_sim"]  # S = I has nothing to learn
+    assert result.lr_images > 0
+
+
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("1e-3", 0.001), ("2", 2.0), ("0.5", 0.5)])
+def test_auto_settings_parse(text, value):
+    assert load_config("shapes-tiny", [f"distill.lr_init={text}"]).distill.lr_init == value
+
+
+@pytest.mark.parametrize("override", ["distill.lr_init=0", "distill.lr_images=-1", "distill.lr_texts=.inf",
+                                      "distill.lr_sim=.nan", "distill.lr_init=fast", "distill.lr_lr=-0.1"])
+def test_unusable_lrs_are_rejected_naming_the_key(override):
+    with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config("shapes-tiny", [override])
+
+
+def test_watch_flags_a_flat_loss_at_the_no_move_value():
+    watch = CollapseWatch(no_move=2.0, lr_init=0.01, iterations=100)
+    window = window_for(100)
+    healthy = [2.06, 1.98, 1.95] + [1.9] * 20  # starts above 2 (an overshoot), then learns
+    assert not any(watch.update(loss, (0.01, 0.01), k) for k, loss in enumerate(healthy))
+    flat = [2.0, 2.0001, 1.9995, 2.3, 2.0] * 4
+    fired = [watch.update(loss, (0.01, 0.01), len(healthy) + k) for k, loss in enumerate(flat)]
+    assert fired.index(True) == window - 1 and fired.count(True) == 1  # once, after a full window of no progress
+    assert watch.collapse["iteration"] == len(healthy) + window - 1 and "no-move" in watch.collapse["reason"]
+
+
+def test_watch_flags_learned_lrs_that_vanished():
+    watch = CollapseWatch(no_move=2.0, lr_init=0.01, iterations=100)
+    assert not watch.update(1.5, (0.001, 0.0002), 0)  # one lr still at a tenth of lr_init
+    assert watch.update(1.5, (9e-5, 2e-5), 1) and "lr_init" in watch.collapse["reason"]
+
+
+def test_merged_branches_have_a_no_move_value_of_one():
+    watch = CollapseWatch(no_move=1.0, lr_init=0.01, iterations=10)
+    assert any(watch.update(1.0, (0.01, 0.01), k) for k in range(window_for(10)))
+
+
+def _entry(r_mean: float, **extra) -> dict:
+    metrics = {m: r_mean for m in ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")}
+    return {**metrics, "r_mean": r_mean, "r_mean_std": 0.5, "runs": 3, **extra}
+
+
+def test_a_collapsed_or_below_random_distillation_is_shown_as_failed():
+    collapse = {"phase": 0, "iteration": 12, "reason": "matching loss at or above the no-move value"}
+    methods = {"ptm-st": _entry(4.7, collapsed_phases=[collapse]), "lors": _entry(20.0, collapsed_phases=[]),
+               "mtt-vl": _entry(30.0, collapsed_phases=[]), "random": _entry(26.5), "full": _entry(40.9)}
+    table = format_table(methods).splitlines()
+    rows = {line.split()[0]: line for line in table[1:6]}
+    assert rows["ptm-st"].endswith("FAILED") and rows["lors"].endswith("BELOW RANDOM")
+    assert not rows["mtt-vl"].endswith("RANDOM") and not rows["random"].endswith("RANDOM")
+    notes = failure_notes(methods)
+    assert any("ptm-st FAILED: phase 0 collapsed at iteration 12" in note for note in notes)
+    assert any("lors r_mean 20.0 is below the random coreset's 26.5" in note for note in notes)
+    assert all(note in table for note in notes) and not any(math.isnan(e["r_mean"]) for e in methods.values())
