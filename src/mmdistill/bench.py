@@ -42,6 +42,18 @@ def quality(cfg, out=None, as_json: bool = False) -> dict:
     return result
 
 
+def robustness(cfg=None, out=None, as_json: bool = False) -> dict:
+    """The default settings on sets no preset was tuned on, 50 and 100 pairs: ptm-st vs random vs full data."""
+    from pathlib import Path
+
+    from .robustness import run_robustness
+
+    result = run_robustness(Path(out) if out else Path("runs") / "robustness")
+    if as_json:
+        print(json.dumps(result))
+    return result
+
+
 def metrics(as_json: bool = False) -> dict:
     """Vectorised retrieval metrics vs a per-row argsort loop on a 1000 x 5000 matrix."""
     from .metrics import bench_metrics

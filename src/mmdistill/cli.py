@@ -100,6 +100,9 @@ def cmd_bench(args):
     if args.what == "metrics":
         bench.metrics(as_json=args.json)
         return
+    if args.what == "robustness":  # its sets bring their own presets
+        bench.robustness(out=args.out, as_json=args.json)
+        return
     cfg = _config(args)
     getattr(bench, args.what)(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
 
@@ -169,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out_required=True)
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("bench", help="benchmarks: storage | iteration | quality | metrics")
-    p.add_argument("what", choices=["storage", "iteration", "quality", "metrics"])
+    p = sub.add_parser("bench", help="benchmarks: storage | iteration | quality | robustness | metrics")
+    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"])
     _common(p, preset_required=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.func is cmd_experts and not (args.preset and args.out):
         parser.error("experts: --preset and --out are required")
-    if args.func is cmd_bench and args.what != "metrics" and not args.preset:
+    if args.func is cmd_bench and args.what not in ("metrics", "robustness") and not args.preset:
         parser.error(f"bench {args.what}: --preset is required")
     try:
         args.func(args)

@@ -232,7 +232,7 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
     return results
 
 
-def _compare(cfg, out: Path, page: str, names, title: str) -> dict:
+def compare(cfg, out: Path, page: str, names, title: str) -> dict:
     """Every named method on the same experts, protocol and seeds: results.json + <page>.md + bar chart."""
     out = Path(out)
     study = _open(cfg, out)
@@ -244,10 +244,10 @@ def _compare(cfg, out: Path, page: str, names, title: str) -> dict:
 
 def ablate(cfg, out: Path) -> dict:
     """The paper's Table 4: PTM-ST with phases, shortcut and EMA switched on and off."""
-    return _compare(cfg, out, "ablation", ABLATION, f"Ablation of PTM-ST components ({cfg.name})")
+    return compare(cfg, out, "ablation", ABLATION, f"Ablation of PTM-ST components ({cfg.name})")
 
 
 def bench_quality(cfg, out: Path | None = None) -> dict:
     """All engine methods, coresets and the full data side by side."""
     out = Path(out) if out else Path("runs") / f"quality-{cfg.name}"
-    return _compare(cfg, out, "quality", QUALITY, f"Quality benchmark ({cfg.name})")
+    return compare(cfg, out, "quality", QUALITY, f"Quality benchmark ({cfg.name})")
