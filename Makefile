@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fonts-noto-color-emoji
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-robustness clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The robustness benchmark's real captioned set comes from Debian's Tux Paint stamps (about 220 MB installed).
+bench-robustness: setup
+	@dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y tuxpaint-stamps-default >/dev/null || { $$SUDO apt-get update >/dev/null && \
+	  $$SUDO apt-get install -y tuxpaint-stamps-default >/dev/null; }; }
+	$(VENV)/bin/mmdistill bench robustness --out runs/robustness
 
 clean:
 	rm -rf $(VENV) runs

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from mmdistill.calibrate import LR_GRID, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate
+from mmdistill.calibrate import LR_GRID, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate, expert_epochs_for
 from mmdistill.collapse import CollapseWatch, window_for
 from mmdistill.config import load_config, with_method
-from mmdistill.distill import Distiller, plan_phases
+from mmdistill.distill import Distiller, plan_phases, resolve_expert_epochs
 from mmdistill.errors import UserError
 from mmdistill.evaluate import failure_notes, format_table
 from mmdistill.experts import ExpertStore, train_experts
@@ -24,7 +24,9 @@ def tiny(tmp_path_factory):
 
 
 def _distiller(tiny, cfg):
-    return Distiller(cfg, ExpertStore(tiny[0] / "experts"), prepare(cfg), torch.device("cpu"))
+    bundle = prepare(cfg)
+    return Distiller(resolve_expert_epochs(cfg, bundle)[0], ExpertStore(tiny[0] / "experts"), bundle,
+                     torch.device("cpu"))
 
 
 def test_calibration_returns_the_documented_values(tiny):
@@ -118,3 +120,14 @@ def test_a_collapsed_or_below_random_distillation_is_shown_as_failed():
     assert any("ptm-st FAILED: phase 0 collapsed at iteration 12" in note for note in notes)
     assert any("lors r_mean 20.0 is below the random coreset's 26.5" in note for note in notes)
     assert all(note in table for note in notes) and not any(math.isnan(e["r_mean"]) for e in methods.values())
+
+
+@pytest.mark.parametrize("captions, batch, expected", [(440, 128, 2), (5000, 128, 1), (100, 128, 4), (40, 128, 4)])
+def test_auto_expert_epochs_hold_as_many_expert_steps_as_synthetic_steps(captions, batch, expected):
+    cfg = load_config("shapes-100", [f"experts.batch_size={batch}"])  # 8 synthetic steps; windows leave room for 4
+    value, reason = expert_epochs_for(cfg, plan_phases(cfg), captions)
+    assert value == expected and reason.startswith("auto:")
+    if captions == 40:  # 1 step per epoch would want 8 epochs; phase 1 (start < 3, end 7) leaves room for 5,
+        assert "room" in reason  # phase 0 (start < 2, end 5) for 4
+    fixed, why = expert_epochs_for(load_config("shapes-100", ["distill.expert_epochs=3"]), plan_phases(cfg), 40)
+    assert fixed == 3 and why == "set in the config"

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any, List, Optional, Union
 
 import yaml
-from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf, UnionNode
+from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from .errors import UserError
@@ -93,7 +93,7 @@ class DistillConfig:
     use_ema: bool = True  # False: no EMA of the synthetic data
     ema_decay: float = 0.99
     syn_steps: int = 8
-    expert_epochs: int = 1
+    expert_epochs: Union[int, str] = AUTO  # M: match snapshot s+M; auto: enough expert steps for syn_steps
     mini_batch_size: int = 20
     loss: str = "wbce"
     similarity: str = "full"  # identity | full | lowrank
@@ -191,7 +191,8 @@ CHOICES = {
 }
 
 
-AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")
+AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")  # float settings that may be auto
+AUTO_FLOATS = {f"distill.{key}" for key in AUTO_KEYS}
 
 
 def preset_names() -> list[str]:
@@ -269,9 +270,9 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
             if last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
-            if isinstance(target, (FloatNode, UnionNode)) and _is_int(value):
+            if (isinstance(target, FloatNode) or key in AUTO_FLOATS) and _is_int(value):
                 value = float(value)
-            elif isinstance(target, UnionNode) and isinstance(value, str) and value != AUTO:
+            elif key in AUTO_FLOATS and isinstance(value, str) and value != AUTO:
                 value = _number_or_text(value)
             elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
                 value = [float(v) if _is_int(v) else v for v in value]
@@ -367,12 +368,15 @@ def validate(cfg: DictConfig) -> None:
         if value not in options:
             raise _choice_error(key, value)
     positive = ["data.image_size", "experts.count", "experts.epochs", "experts.batch_size", "distill.syn_steps",
-                "distill.expert_epochs", "distill.mini_batch_size", "distill.trajectories_per_iter",
+                "distill.mini_batch_size", "distill.trajectories_per_iter",
                 "distill.checkpoint_every", "distill.sim_rank", "evaluate.runs", "evaluate.epochs",
                 "evaluate.eval_every", "evaluate.batch_size", "model.temperature"]
     for key in positive:
         if not OmegaConf.select(cfg, key) > 0:
             raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    epochs = cfg.distill.expert_epochs
+    if epochs != AUTO and not (_is_int(epochs) and epochs > 0):
+        raise UserError(f"bad value {epochs!r} for 'distill.expert_epochs': an integer > 0, or auto")
     for key in AUTO_KEYS:
         value = cfg.distill[key]
         if value != AUTO and not (isinstance(value, float) and math.isfinite(value) and value > 0):
@@ -398,7 +402,7 @@ def validate(cfg: DictConfig) -> None:
         if not 0 < end <= cfg.experts.epochs:
             raise UserError(f"bad value {phase.shortcut_end!r} for '{key}.shortcut_end': must be in 1..experts.epochs"
                             f" ({cfg.experts.epochs})")
-        if lo_hi[1] - 1 + cfg.distill.expert_epochs > end:
+        if lo_hi[1] - 1 + _least_expert_epochs(cfg) > end:
             raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
                             f" within snapshot {end}")
     if cfg.distill.space == "feature" and cfg.model.image_trainable:
@@ -410,6 +414,11 @@ def validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def _least_expert_epochs(cfg) -> int:
+    """distill.expert_epochs, or 1 (the least `auto` can choose) before the data is known."""
+    return 1 if cfg.distill.expert_epochs == AUTO else cfg.distill.expert_epochs
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch.optim import SGD
 
 from . import __version__, distributed
-from .calibrate import DATA_KEYS, calibrate
+from .calibrate import DATA_KEYS, calibrate, expert_epochs_for
 from .collapse import CollapseWatch, no_move_loss
 from .config import AUTO, PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
@@ -171,8 +171,11 @@ class SyntheticSet:
 class Distiller:
     """The student (built once), the experts and the real data, shared by every phase."""
 
-    def __init__(self, cfg, store, bundle, device: torch.device):
+    def __init__(self, cfg, store, bundle, device: torch.device, key: str | None = None):
+        """`key`: the fingerprint that marks this run's files (that of the config as given, before its auto
+        settings were resolved); by default the fingerprint of `cfg`."""
         self.cfg, self.store, self.bundle, self.device = cfg, store, bundle, device
+        self.fingerprint = key or fingerprint(cfg)
         self.model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size,
                                  seed=derive_seed(cfg.seed, "student"), device=device).train()
         if store.layouts != self.model.layouts:
@@ -242,7 +245,7 @@ class Distiller:
         checkpoint = out / "checkpoints" / f"phase-{p}.pt"
         if resume and checkpoint.exists():
             saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
-            if saved["fingerprint"] == fingerprint(self.cfg):  # another config's checkpoint: start over
+            if saved["fingerprint"] == self.fingerprint:  # another config's checkpoint: start over
                 state.load_checkpoint(saved)
         if main:
             checkpoint.parent.mkdir(exist_ok=True)
@@ -280,7 +283,7 @@ class Distiller:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
                     with atomic_path(checkpoint) as tmp:
-                        torch.save({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, tmp)
+                        torch.save({**state.checkpoint(), "fingerprint": self.fingerprint}, tmp)
             bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}",
                             **({"status": "COLLAPSED"} if watch.collapse else {}))
             bar.update(1)
@@ -304,7 +307,7 @@ class Distiller:
         dc = self.cfg.distill
         metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
-                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": fingerprint(self.cfg),
+                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
                     "calibration": state.calibration.to_json(), "collapse": getattr(state, "collapse", None)}
         # One JSON entry: safetensors stores metadata in a hash map whose order changes from process to process.
         save_tensors({k: v.detach().cpu() for k, v in state.ema.items()}, path,
@@ -321,24 +324,34 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
     with distributed.process_group(cfg.device):
         store = ExpertStore(experts_dir)
         phases = plan_phases(cfg)
-        needed = max(max(p.start_epochs[1] - 1 + cfg.distill.expert_epochs, p.shortcut_end or 0) for p in phases)
-        if needed > store.epochs:
-            raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
-                            f" epochs 0..{store.epochs}")
         with distributed.main_first():  # rank 0 builds the feature cache and the output folder
             bundle = prepare(cfg, verbose=distributed.is_main())
             out.mkdir(parents=True, exist_ok=True)
-        distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device))
+        key = fingerprint(cfg)
+        cfg, expert_epochs = resolve_expert_epochs(cfg, bundle)
+        if distributed.is_main():
+            logger.info("expert_epochs = %d (%s)", expert_epochs["value"], expert_epochs["reason"])
+        needed = max(max(p.start_epochs[1] - 1 + expert_epochs["value"], p.shortcut_end or 0) for p in phases)
+        if needed > store.epochs:
+            raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
+                            f" epochs 0..{store.epochs}")
+        distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), key)
         for p, phase in enumerate(phases):
             done = out / f"phase-{p}.safetensors"
-            if resume and done.exists() and load_phase(done)["fingerprint"] == fingerprint(cfg):
+            if resume and done.exists() and load_phase(done)["fingerprint"] == key:
                 continue
             state = distiller.run_phase(p, phase, out, resume)
             if distributed.is_main():
                 distiller.save_phase(p, phase, state, out)
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
-                _write_meta(cfg, phases, out)
+                _write_meta(cfg, phases, out, expert_epochs)
             distributed.barrier()
+
+
+def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
+    """A copy of `cfg` with distill.expert_epochs resolved (calibrate.expert_epochs_for), and {value, reason}."""
+    value, reason = expert_epochs_for(cfg, plan_phases(cfg), len(bundle.splits["train"].captions))
+    return OmegaConf.merge(cfg, {"distill": {"expert_epochs": value}}), {"value": value, "reason": reason}
 
 
 def fingerprint(cfg) -> str:
@@ -433,15 +446,15 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def _write_meta(cfg, phases: list[PhaseConfig], out: Path) -> None:
+def _write_meta(cfg, phases: list[PhaseConfig], out: Path, expert_epochs: dict) -> None:
     done = [load_phase(out / f"phase-{p}.safetensors") for p in range(len(phases))
             if (out / f"phase-{p}.safetensors").exists()]
     write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
                 "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
                             "recoveries": d["recoveries"], "calibration": d.get("calibration"),
                             "collapse": d.get("collapse")} for phase, d in zip(phases, done)],
-                "lr_source": "ema", "version": __version__, "git_commit": _git_commit(),
-                "world_size": distributed.world_size()}, out / "meta.json")
+                "expert_epochs": expert_epochs, "lr_source": "ema", "version": __version__,
+                "git_commit": _git_commit(), "world_size": distributed.world_size()}, out / "meta.json")
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
