@@ -7,6 +7,7 @@ rejected with a one-line `UserError` naming the key and its close matches, befor
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, List, Optional
@@ -251,16 +252,29 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
             if last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
-            if isinstance(target, FloatNode) and _is_int(value):
-                value = float(value)
+            if isinstance(target, FloatNode):
+                value = _number(value, key)
             elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
-                value = [float(v) if _is_int(v) else v for v in value]
+                value = [_number(v, key) for v in value]
             node[last] = value
     except ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"bad value {value!r} for {key!r}: {first}") from None
     except (KeyError, IndexError, ValueError, AttributeError, OmegaConfBaseException):
         raise _key_error(cfg, key, "unknown config key") from None
+
+
+def _number(value: Any, key: str) -> Any:
+    """A float key's value as a float: YAML reads `1e30` (no dot) as a string, which OmegaConf would convert
+    with a FutureWarning, so numbers in strings are parsed here; None and non-numbers pass to OmegaConf."""
+    if _is_int(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"bad value {value!r} for {key!r}: expected a number") from None
+    return value
 
 
 def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
@@ -315,7 +329,28 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Dic
         else:
             _set(cfg, key, value)
     validate(cfg)
+    _check_device(cfg.device)
     return cfg
+
+
+def _check_device(name: str) -> None:
+    """A device torch can run on here; checked before any work, since torch would fail only when first used."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"bad value {name!r} for 'device': expected auto, cpu, cuda, cuda:<index> or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"bad value {name!r} for 'device': CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"bad value {name!r} for 'device': this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"bad value {name!r} for 'device': MPS is not available on this machine")
 
 
 def apply_method(cfg: DictConfig, method: str) -> DictConfig:
@@ -340,19 +375,33 @@ def _choice_error(key: str, value: Any) -> UserError:
     return UserError(f"bad value {value!r} for {key!r}{hint}; choose from {', '.join(options)}")
 
 
+# Keys whose value must be >= a bound (None, where a key allows it, means "automatic" and is not checked).
+AT_LEAST_ZERO = ("data.train_images", "data.val_images", "data.test_images", "model.dropout", "experts.lr_img",
+                 "experts.lr_txt", "experts.momentum", "experts.weight_decay", "distill.lr_images", "distill.lr_texts",
+                 "distill.lr_sim", "distill.lr_lr", "distill.momentum", "distill.snapshot_every",
+                 "distill.max_retries", "evaluate.momentum", "evaluate.weight_decay")
+ABOVE_ZERO = ("data.image_size", "data.max_words", "data.captions_per_image", "experts.count", "experts.epochs",
+              "experts.batch_size", "distill.syn_steps", "distill.expert_epochs", "distill.mini_batch_size",
+              "distill.trajectories_per_iter", "distill.checkpoint_every", "distill.sim_rank", "distill.sim_alpha",
+              "distill.lr_init", "distill.blend.alpha", "evaluate.runs", "evaluate.epochs", "evaluate.eval_every",
+              "evaluate.batch_size", "model.temperature")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks the type system cannot express; each failure names its key."""
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in options:
             raise _choice_error(key, value)
-    positive = ["data.image_size", "experts.count", "experts.epochs", "experts.batch_size", "distill.syn_steps",
-                "distill.expert_epochs", "distill.mini_batch_size", "distill.trajectories_per_iter",
-                "distill.checkpoint_every", "distill.sim_rank", "evaluate.runs", "evaluate.epochs",
-                "evaluate.eval_every", "evaluate.batch_size", "model.temperature"]
-    for key in positive:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    for key in _all_keys(cfg):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"bad value {value!r} for {key!r}: must be a finite number")
+    for keys, strict in ((AT_LEAST_ZERO, False), (ABOVE_ZERO, True)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is not None and (value <= 0 if strict else value < 0):
+                raise UserError(f"bad value {value!r} for {key!r}: must be {'>' if strict else '>='} 0")
     if not all(lr > 0 for lr in cfg.evaluate.coreset_lrs):
         raise UserError(f"bad value {list(cfg.evaluate.coreset_lrs)!r} for 'evaluate.coreset_lrs': each must be > 0")
     if not 0.0 <= cfg.distill.ema_decay < 1.0:
