@@ -108,3 +108,17 @@ def test_numbers_without_a_dot_parse_without_a_warning(recwarn):
     assert (cfg.distill.lr_lr, cfg.distill.lr_images, list(cfg.evaluate.coreset_lrs)) == (1e-3, 1000.0, [0.01])
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
 
+
+def test_pairs_beyond_the_training_captions_stop_prepare():
+    """Checked when the data is known, before the experts train (it used to fail in the coreset baseline)."""
+    from mmdistill.prepare import check_pairs
+
+    train = type("Split", (), {"captions": ["c"] * 1000})()
+    check_pairs(load_config("shapes-tiny"), train)
+    with pytest.raises(UserError, match="bad value 5000 for 'distill.phases.0.pairs': the training split has only"
+                                        " 1000 captions"):
+        check_pairs(load_config("shapes-tiny", ["distill.phases.0.pairs=5000"]), train)
+    halves = load_config("shapes-tiny", ["distill.phases.0.pairs=600", "distill.phases.1.pairs=600"])
+    check_pairs(halves, train)  # each phase fits: enough for experts and distillation
+    with pytest.raises(UserError, match="'distill.phases': the coreset baselines need 1200 pairs in all"):
+        check_pairs(halves, train, coresets=True)
