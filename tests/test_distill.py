@@ -186,3 +186,22 @@ def test_feature_space_phases_show_their_nearest_real_images(tmp_path):
         with Image.open(tmp_path / "out" / f"phase-{p}-nearest-images.png") as grid:
             size = cfg.data.image_size  # 10 pairs -> one row of 10 tiles (torchvision pads 2 px around each)
             assert grid.size == (10 * (size + 2) + 2, size + 4)
+
+
+def test_nan_at_the_start_blames_lr_init_and_later_only_the_lrs_that_exist(tiny, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; it fails before any update: lower"
+                                        " distill.lr_init") as err:
+        distill(config(tiny, "distill.lr_init=1.0e30"), tiny[0] / "experts", tmp_path / "a")
+    assert "lr_images" not in str(err.value)
+    calls, real = [], distill_module.matching_gradient
+
+    def nan_from_the_second(*args, **kwargs):
+        calls.append(1)
+        loss, grads = real(*args, **kwargs)
+        return (float("nan"), grads) if len(calls) > 1 else (loss, grads)
+
+    monkeypatch.setattr(distill_module, "matching_gradient", nan_from_the_second)
+    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; lower distill.lr_images /"
+                                        " distill.lr_texts \\(halved") as err:
+        distill(with_method(config(tiny), "mtt-vl"), tiny[0] / "experts", tmp_path / "b")
+    assert "lr_sim" not in str(err.value)  # mtt-vl learns no similarity matrix

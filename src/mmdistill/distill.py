@@ -129,11 +129,22 @@ class SyntheticSet:
         return all(torch.isfinite(v).all() for v in self.syn.values())
 
     def rollback(self, p: int, failed: int) -> None:
-        """Back to the last good state with the data lrs halved; a clear error once the retries are spent."""
+        """Back to the last good state with the data lrs halved; a clear error once the retries are spent.
+
+        The error names the keys that can cause the failure: when every try failed at iteration 0, nothing has been
+        updated yet, so only the students' initial lr can; else also the lrs of the data this set learns (lr_sim
+        only with a learned S).
+        """
         if len(self.recoveries) >= self.dc.max_retries:
+            if failed == 0 and all(r["iteration"] == 0 for r in self.recoveries):
+                hint = "it fails before any update: lower distill.lr_init, the students' initial lr"
+            else:
+                data = ["distill.lr_images", "distill.lr_texts"]
+                data += ["distill.lr_sim"] if any(GROUP_OF.get(k, "sim") == "sim" for k in self.syn) else []
+                hint = (f"lower {' / '.join(data)} (halved at each recovery) or distill.lr_init, or raise"
+                        " distill.max_retries")
             raise UserError(f"phase {p}: loss or gradient not finite at iteration {failed} after"
-                            f" {self.dc.max_retries} recoveries (each halving lr_images, lr_texts, lr_sim); lower"
-                            " distill.lr_images / distill.lr_texts / distill.lr_sim or raise distill.max_retries")
+                            f" {self.dc.max_retries} recoveries; {hint}")
         self.lr_factor /= 2
         self.recoveries.append({"iteration": failed, "restart": self.good["iteration"], "lr_factor": self.lr_factor})
         self.restore(self.good)
