@@ -205,3 +205,19 @@ def test_nan_at_the_start_blames_lr_init_and_later_only_the_lrs_that_exist(tiny,
                                         " distill.lr_texts \\(halved") as err:
         distill(with_method(config(tiny), "mtt-vl"), tiny[0] / "experts", tmp_path / "b")
     assert "lr_sim" not in str(err.value)  # mtt-vl learns no similarity matrix
+
+
+def test_checkpoint_holds_the_state_of_its_iteration_and_a_bad_one_is_named(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_module.Distiller, "save_phase",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after phase 0's last iteration, before it is saved
+        distill(config(tiny), tiny[0] / "experts", tmp_path)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "checkpoints" / "phase-0.pt"
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 2  # checkpoint_every=2: saved after 2 steps
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])  # truncated
+    with pytest.raises(UserError) as err:
+        distill(config(tiny), tiny[0] / "experts", tmp_path, resume=True)
+    message = str(err.value)
+    assert message.startswith(f"cannot read checkpoint {checkpoint}: ") and "\n" not in message
+    assert "weights_only" not in message

@@ -32,7 +32,7 @@ from . import __version__, distributed
 from .config import PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
-from .io import append_jsonl, atomic_path, save_tensors, write_json
+from .io import append_jsonl, atomic_path, load_torch, save_tensors, save_torch, write_json
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
@@ -150,7 +150,8 @@ class SyntheticSet:
         self.restore(self.good)
 
     def checkpoint(self) -> dict:
-        return {**self.good, "lr_factor": self.lr_factor, "recoveries": self.recoveries}
+        """The current state (finite: the caller checkpoints only after a finished iteration)."""
+        return {**self.snapshot(), "lr_factor": self.lr_factor, "recoveries": self.recoveries}
 
     def load_checkpoint(self, state: dict) -> None:
         self.lr_factor, self.recoveries = state["lr_factor"], state["recoveries"]
@@ -226,8 +227,8 @@ class Distiller:
         state = SyntheticSet(self.init_synthetic(p, phase), dc)
         checkpoint = out / "checkpoints" / f"phase-{p}.pt"
         if resume and checkpoint.exists():
-            saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
-            if saved["fingerprint"] == fingerprint(self.cfg):  # another config's checkpoint: start over
+            saved = _load_checkpoint(checkpoint, state, fingerprint(self.cfg))
+            if saved is not None:  # None: another config's checkpoint, start over
                 state.load_checkpoint(saved)
         main = distributed.is_main()
         if main:
@@ -253,8 +254,7 @@ class Distiller:
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
-                    with atomic_path(checkpoint) as tmp:
-                        torch.save({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, tmp)
+                    save_torch({**state.checkpoint(), "fingerprint": fingerprint(self.cfg)}, checkpoint)
             bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}")
             bar.update(1)
         bar.close()
@@ -338,6 +338,27 @@ def load_synthetic(out_dir: Path) -> list[dict]:
     if not paths:
         raise UserError(f"no distilled phases (phase-0.safetensors, ...) in {out}")
     return [load_phase(path) for path in paths]
+
+
+def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | None:
+    """This config's checkpoint (None for another config's), with every entry `state.load_checkpoint` reads, its
+    tensors finite and shaped like `state`'s."""
+    saved = load_torch(path, "checkpoint")
+    if isinstance(saved, dict) and saved.get("fingerprint") not in (expected, None):
+        return None
+    try:
+        tensors = [v for part in ("syn", "ema") for v in saved[part].values()]
+        complete = {"iteration", "optimizer", "lr_factor", "recoveries", "fingerprint"} <= set(saved)
+        shapes_match = all(set(saved[part]) == set(state.syn) and all(
+            torch.is_tensor(v) and v.shape == state.syn[k].shape for k, v in saved[part].items())
+            for part in ("syn", "ema"))
+    except (TypeError, KeyError, AttributeError):
+        complete = shapes_match = False
+    if not (complete and shapes_match):
+        raise UserError(f"checkpoint {path} does not hold this phase's state; delete it to restart the phase")
+    if not all(torch.isfinite(v).all() for v in tensors):
+        raise UserError(f"checkpoint {path} holds NaN or Inf values; delete it to restart the phase")
+    return saved
 
 
 # ------------------------------------------------------------------------------------------------- outputs
