@@ -342,12 +342,15 @@ def results_path(out: Path) -> Path:
 
 
 def format_table(methods: dict) -> str:
-    """One line per method: the six recalls, r_mean +- std, runs."""
+    """One line per method: the six recalls, r_mean +- std, runs, and how many runs diverged, if any (their
+    numbers are the last finite checkpoint's, so the table must say so)."""
     header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}"
     lines = [header]
     for name, entry in methods.items():
         recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
-        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}")
+        diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
+        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
+                     f"{diverged}")
     return "\n".join(lines)
 
 
