@@ -119,6 +119,8 @@ def test_pairs_beyond_the_training_captions_stop_prepare():
                                         " 1000 captions"):
         check_pairs(load_config("shapes-tiny", ["distill.phases.0.pairs=5000"]), train)
     halves = load_config("shapes-tiny", ["distill.phases.0.pairs=600", "distill.phases.1.pairs=600"])
-    check_pairs(halves, train)  # each phase fits: enough for experts and distillation
-    with pytest.raises(UserError, match="'distill.phases': the coreset baselines need 1200 pairs in all"):
-        check_pairs(halves, train, coresets=True)
+    check_pairs(halves, train)  # each phase fits: enough for experts and a phased distillation
+    with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all, but the training split has only 1000"):
+        check_pairs(halves, train, whole_budget=True)  # a coreset baseline takes them all
+    with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all"):
+        check_pairs(with_method(halves, "lors"), train)  # one phase of all the pairs

@@ -27,7 +27,8 @@ def _fake_phase(path: Path, pairs: int, gen: torch.Generator) -> None:
     sim = torch.eye(pairs) + 0.05 * torch.randn(pairs, pairs, generator=gen)
     save_tensors({"images": torch.randn(pairs, 3, 8, 8, generator=gen), "texts": torch.randn(pairs, 16, generator=gen),
                   "sim_full": sim, "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}, path,
-                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0})})  # distill.load_phase
+                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0, "pairs": pairs,
+                                                    "fingerprint": "fake"})})  # distill.load_phase
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ def run_dir(tmp_path):
                      "seconds": 0.1} for i in range(30)]
         history.append({"phase": phase, "event": "recovery", "iteration": 3})
     (distilled / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    meta = {"method": "ptm-st", "fingerprint": "fake", "planned_phases": 2, "phases": [{"pairs": 6}] * 2}
+    (distilled / "meta.json").write_text(json.dumps(meta))  # distill.load_synthetic checks the phases against it
     write_report(tmp_path, _results())
     return tmp_path
 

@@ -12,10 +12,12 @@ Outputs in OUT:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from . import __version__, distributed
 from .config import PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
-from .io import append_jsonl, atomic_path, load_torch, save_tensors, save_torch, write_json
+from .io import append_jsonl, atomic_path, folder_lock, load_torch, save_tensors, save_torch, write_json
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
@@ -42,6 +44,9 @@ from .utils import derive_seed, digest, generator, progress_bar, resolve_device
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
+PHASE_FILE = re.compile(r"phase-(\d+)\.safetensors")
+PHASE_OUTPUT = re.compile(r"phase-(\d+)(\.safetensors|-images\.png|-nearest-images\.png|-captions\.json)")
+SNAPSHOT_FILE = re.compile(r"phase-(\d+)-(\d+)\.safetensors")
 
 
 def plan_phases(cfg) -> list[PhaseConfig]:
@@ -289,27 +294,29 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
     from .prepare import prepare
 
     out = Path(out_dir)
-    with distributed.process_group(cfg.device):
+    with distributed.process_group(cfg.device), contextlib.ExitStack() as held:
         store = ExpertStore(experts_dir)
         phases = plan_phases(cfg)
         needed = max(max(p.start_epochs[1] - 1 + cfg.distill.expert_epochs, p.shortcut_end or 0) for p in phases)
         if needed > store.epochs:
             raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
                             f" epochs 0..{store.epochs}")
-        with distributed.main_first():  # rank 0 builds the feature cache and the output folder
+        with distributed.main_first():  # rank 0 builds the feature cache and owns the output folder
             bundle = prepare(cfg, verbose=distributed.is_main())
-            out.mkdir(parents=True, exist_ok=True)
+            if distributed.is_main():
+                held.enter_context(folder_lock(out))
+                _clear_stale(out, len(phases), fingerprint(cfg), resume)
         distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device))
         for p, phase in enumerate(phases):
-            done = out / f"phase-{p}.safetensors"
-            if resume and done.exists() and load_phase(done)["fingerprint"] == fingerprint(cfg):
+            if resume and (out / f"phase-{p}.safetensors").exists():  # _clear_stale kept only this config's
                 continue
             state = distiller.run_phase(p, phase, out, resume)
             if distributed.is_main():
                 distiller.save_phase(p, phase, state, out)
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
-                _write_meta(cfg, phases, out)
             distributed.barrier()
+        if distributed.is_main():
+            _write_meta(cfg, phases, out)  # last: it marks the distillation as finished
 
 
 def fingerprint(cfg) -> str:
@@ -320,24 +327,89 @@ def fingerprint(cfg) -> str:
     return digest(raw)
 
 
-def load_phase(path: Path) -> dict:
-    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...)."""
+def _phase_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
+            return json.loads((f.metadata() or {})["mmdistill"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
 
 
+def load_phase(path: Path) -> dict:
+    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...).
+
+    Checked before use, since a student trained on a damaged set still yields a normal-looking table: every
+    tensor present, finite and of the shape its metadata implies."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            phase = {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
+    _check_phase(path, phase)
+    return phase
+
+
+def _check_phase(path: Path, phase: dict) -> None:
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        if name not in phase:
+            raise UserError(f"synthetic phase {path} has no tensor {name!r}")
+    for name, value in phase.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"synthetic phase {path} holds NaN or Inf values in {name!r}; distil it again")
+    pairs = phase.get("pairs", len(phase["texts"]))
+    images, texts = phase["images"], phase["texts"]
+    rank = phase["sim_left"].shape[-1] if "sim_left" in phase else 0
+    expected = {"texts": (pairs, texts.shape[-1]), "lr_img": (1,), "lr_txt": (1,),
+                **{"identity": {}, "full": {"sim_full": (pairs, pairs)},
+                   "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)}}
+                [phase.get("similarity", "identity")]}
+    if images.dim() == 4:
+        size = phase.get("image_size", images.shape[-1])
+        expected["images"] = (pairs, 3, size, size)
+    else:
+        expected["images"] = (pairs, images.shape[-1])
+    for name, shape in expected.items():
+        if name not in phase or tuple(phase[name].shape) != shape:
+            found = tuple(phase[name].shape) if name in phase else "missing"
+            raise UserError(f"synthetic phase {path}: {name!r} has shape {found}, expected {shape}")
+
+
 def load_synthetic(out_dir: Path) -> list[dict]:
-    """The distilled phases of a folder, in order, each as load_phase gives it."""
+    """The distilled phases of a finished distillation, in order, each as load_phase gives it.
+
+    Checked against meta.json, which `distill` writes last: the phase count, and each phase's config
+    fingerprint and pairs, so that phase files of an unfinished run or of another config are never mixed in."""
     out = Path(out_dir)
-    paths = []
-    while (out / f"phase-{len(paths)}.safetensors").exists():
-        paths.append(out / f"phase-{len(paths)}.safetensors")
-    if not paths:
-        raise UserError(f"no distilled phases (phase-0.safetensors, ...) in {out}")
-    return [load_phase(path) for path in paths]
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"no finished distillation in {out} ({meta_path.name} not found)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        planned, done, expected = meta["planned_phases"], meta["phases"], meta["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{meta_path} is not the record of a finished distillation of this version; distil"
+                        " again") from None
+    if len(done) != planned:
+        raise UserError(f"the distillation in {out} is unfinished ({len(done)} of {planned} phases); finish it"
+                        " with distill --resume")
+    for path in sorted(out.glob("phase-*.safetensors")):
+        match = PHASE_FILE.fullmatch(path.name)
+        if match and int(match.group(1)) >= planned:
+            raise UserError(f"{path} is not one of the {planned} phases of {meta_path}; delete it")
+    phases = []
+    for p in range(planned):
+        path = out / f"phase-{p}.safetensors"
+        if not path.is_file():
+            raise UserError(f"synthetic phase {path} not found ({meta_path} lists {planned} phases)")
+        phase = load_phase(path)
+        if phase.get("fingerprint") != expected:
+            raise UserError(f"synthetic phase {path} was distilled with another config than {meta_path}; distil"
+                            " again")
+        if phase.get("pairs") != done[p]["pairs"]:
+            raise UserError(f"synthetic phase {path} holds {phase.get('pairs')} pairs, but {meta_path} lists"
+                            f" {done[p]['pairs']}")
+        phases.append(phase)
+    return phases
 
 
 def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | None:
@@ -359,6 +431,28 @@ def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | N
     if not all(torch.isfinite(v).all() for v in tensors):
         raise UserError(f"checkpoint {path} holds NaN or Inf values; delete it to restart the phase")
     return saved
+
+
+def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
+    """Remove what a later command could take for this run's output: without `resume` every earlier output;
+    with it, the phases (and snapshots) of another config or beyond this run's `count`. A damaged phase file of
+    this config is refused (load_phase), not silently redone."""
+    keep = set()
+    if resume:
+        keep = {p for p in range(count) if (out / f"phase-{p}.safetensors").exists()
+                and load_phase(out / f"phase-{p}.safetensors").get("fingerprint") == expected}
+    for path in out.glob("phase-*"):
+        match = PHASE_OUTPUT.fullmatch(path.name)
+        if match and int(match.group(1)) not in keep:
+            path.unlink()
+    for path in (out / "snapshots").glob("phase-*-*.safetensors"):
+        match = SNAPSHOT_FILE.fullmatch(path.name)
+        if match and not (resume and int(match.group(1)) < count
+                          and _phase_metadata(path).get("fingerprint") == expected):
+            path.unlink()
+    stale = [out / "recall_curve.json"] + ([] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")])
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -418,9 +512,10 @@ def _git_commit() -> str | None:
 
 
 def _write_meta(cfg, phases: list[PhaseConfig], out: Path) -> None:
-    done = [load_phase(out / f"phase-{p}.safetensors") for p in range(len(phases))
-            if (out / f"phase-{p}.safetensors").exists()]
+    """meta.json once every phase is written: what load_synthetic checks the phase files against."""
+    done = [_phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
     write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
+                "fingerprint": fingerprint(cfg), "planned_phases": len(phases),
                 "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
                             "recoveries": d["recoveries"]} for phase, d in zip(phases, done)],
                 "lr_source": "ema", "version": __version__, "git_commit": _git_commit(),

@@ -69,18 +69,20 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.cache_dir).expanduser()
 
 
-def check_pairs(cfg, train: Split, coresets: bool = False) -> None:
-    """A phase's synthetic pairs start as distinct training caption entries, and a coreset baseline picks the whole
-    budget from them, so neither may exceed the training captions; checked before any expert trains."""
+def check_pairs(cfg, train: Split, whole_budget: bool = False) -> None:
+    """A phase's synthetic pairs start as distinct training caption entries, so no phase may have more pairs than
+    the training split has captions; checked before any expert trains. `whole_budget`: the sum of the phases'
+    pairs must fit too, as for a coreset baseline; a method without phases (distill.use_phases=false) always
+    distils the whole budget as one phase."""
     captions = len(train.captions)
     for i, phase in enumerate(cfg.distill.phases):
         if phase.pairs > captions:
             raise UserError(f"bad value {phase.pairs!r} for 'distill.phases.{i}.pairs': the training split has only"
                             f" {captions} captions")
     total = sum(phase.pairs for phase in cfg.distill.phases)
-    if coresets and total > captions:
-        raise UserError(f"bad value for 'distill.phases': the coreset baselines need {total} pairs in all, but the"
-                        f" training split has only {captions} captions")
+    if (whole_budget or not cfg.distill.use_phases) and total > captions:
+        raise UserError(f"bad value for 'distill.phases': {total} pairs in all, but the training split has only"
+                        f" {captions} captions")
 
 
 def verify_images(splits: dict[str, Split], cache: Path) -> None:
