@@ -178,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open: an open bar has no line end, so the one-line error message
+    would continue the bar's line."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -188,14 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
+        _end_progress_bars()
         print(f"mmdistill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        _end_progress_bars()
         cause = (err.strerror or str(err)).strip()
         where = f"{err.filename}: " if err.filename else ""
         print(f"mmdistill: error: {where}{cause[:1].lower()}{cause[1:]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("mmdistill: interrupted", file=sys.stderr)
         return 130
     return 0
