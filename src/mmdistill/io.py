@@ -59,10 +59,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:
-    """torch.save atomically, through a Python file, so a full disk raises OSError(ENOSPC) rather than torch's
-    RuntimeError without a cause."""
+    """torch.save atomically, through a Python file so that a failed write raises an OSError: torch turns it
+    into a RuntimeError without a cause ('unexpected pos ...'), raised while handling the OSError."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def load_torch(path: str | os.PathLike, what: str, mmap: bool = False):
