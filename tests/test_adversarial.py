@@ -24,6 +24,7 @@ import mmdistill.io as io_module
 from mmdistill.cli import main
 
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "phase 0:  25%|##  | 1/4 [00:00<...]"
+# Another command holding a folder: io.folder_lock's protocol written out, so the case also runs on code without it.
 HOLD = """import fcntl, os, sys, time
 fd = os.open(os.path.join(sys.argv[1], ".mmdistill.lock"), os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -81,7 +82,7 @@ def with_nan(path: Path, name: str) -> None:
     rewrite(path, **{name: tensor})
 
 
-def fails(world, argv) -> bool:
+def fails(argv) -> bool:
     """A later command reads the folder as invalid (any non-zero exit)."""
     return main(argv) != 0
 
@@ -141,7 +142,7 @@ def nan_expert(world, tmp, fx):
     with_nan(experts / "expert-0001.safetensors", "img")
     out = tmp / "distilled"
     return (world.cmd("distill", "--experts", experts, "--out", out), [str(experts / "expert-0001.safetensors")],
-            lambda: fails(world, world.cmd("evaluate", "--synthetic", out, "--out", tmp / "results.json")))
+            lambda: fails(world.cmd("evaluate", "--synthetic", out, "--out", tmp / "results.json")))
 
 
 def truncated_expert(world, tmp, fx):
@@ -162,7 +163,7 @@ def nan_phase(command):
         else:
             argv = world.cmd("distill", "--experts", world.experts, "--out", distilled, "--resume")
         return argv, [str(distilled / "phase-1.safetensors")], lambda: (
-            not results.exists() and fails(world, world.cmd("evaluate", "--synthetic", distilled, "--out", results)))
+            not results.exists() and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", results)))
     return case
 
 
@@ -205,7 +206,7 @@ def bad_checkpoint(kind):
         argv = world.cmd("distill", "--experts", world.experts, "--out", distilled, "--resume")
         return argv, [str(checkpoint)], lambda: (
             not (tmp / "executed").exists()
-            and fails(world, world.cmd("evaluate", "--synthetic", distilled, "--out", tmp / "results.json")))
+            and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", tmp / "results.json")))
     return case
 
 
@@ -220,7 +221,10 @@ def locked(command):
             argv = world.cmd("run", "--out", out)
         else:
             argv = world.cmd("distill", "--experts", world.experts, "--out", out)
-        return argv, [str(out), f"pid {holder.pid}"], lambda: sorted(p.name for p in out.iterdir()) == [".mmdistill.lock"]
+
+        def untouched():
+            return sorted(p.name for p in out.iterdir()) == [".mmdistill.lock"]
+        return argv, [str(out), f"pid {holder.pid}"], untouched
     return case
 
 

@@ -14,7 +14,12 @@ from mmdistill.errors import UserError
 from mmdistill.io import LOCK_FILE, atomic_path, folder_lock, load_torch, save_tensors, save_torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-HOLD = "import sys, time; from mmdistill.io import folder_lock\nwith folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+HOLD = """import sys, time
+from mmdistill.io import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
 
 
 def test_a_second_holder_is_refused_while_the_first_lives(tmp_path):
