@@ -88,6 +88,15 @@ def test_best_cell_is_bold_and_full_data_is_not_ranked():
     assert "30.0 ± 1.0" in rows["ptm-st"]
 
 
+def test_diverged_runs_are_counted_in_the_tables(tmp_path):
+    results = _results()
+    results["methods"]["ptm-st"]["diverged"] = 1
+    rows = {line.split("|")[1].strip(): line for line in markdown_table(results["methods"]).splitlines()[2:]}
+    assert rows["ptm-st"].endswith("| 2 (1 diverged) |") and rows["random"].endswith("| 2 |")
+    write_report(tmp_path, results)
+    assert "<td>2 (1 diverged)</td>" in (tmp_path / "report.html").read_text()
+
+
 def test_recall_curve_is_plotted_when_the_pipeline_measured_it(run_dir):
     curve = [{"phase": p, "iteration": i, "r_mean": 10.0 + p + i / 10} for p in range(2) for i in (0, 10, 29)]
     (run_dir / "distilled" / "recall_curve.json").write_text(json.dumps(curve))
