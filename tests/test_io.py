@@ -52,6 +52,17 @@ def test_a_dead_holders_lock_is_taken_over_with_a_message(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_file_system_without_flock_runs_unlocked_with_a_message(tmp_path, monkeypatch, capsys):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted without -o flock
+
+    monkeypatch.setattr(io_module.fcntl, "flock", no_flock)
+    with folder_lock(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert capsys.readouterr().err.startswith(f"mmdistill: cannot lock {tmp_path / LOCK_FILE} (Function not"
+                                              " implemented); running without a lock")
+
+
 def test_a_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
     def full(*args, **kwargs):  # the error safetensors raises on a full disk (seen on a 64 KiB tmpfs)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

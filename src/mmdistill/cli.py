@@ -183,7 +183,7 @@ def _end_progress_bars() -> None:
     would continue the bar's line."""
     from tqdm import tqdm
 
-    for bar in list(tqdm._instances):
+    for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 
 

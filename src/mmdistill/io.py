@@ -92,7 +92,8 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
 
     The lock is an flock on `folder/.mmdistill.lock`, which holds the holder's pid. The kernel releases an flock
     when its process dies (even by kill -9), so a pid left in an unlocked file is a dead holder's: taken over,
-    with a message. A folder this process already holds is not locked again.
+    with a message. A folder this process already holds is not locked again. On a file system without flock
+    (Lustre mounted without it, some network file systems) the command runs unlocked, with a message.
     """
     folder = Path(folder)
     key = folder.resolve()
@@ -109,6 +110,9 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise UserError(f"{folder} is in use by another mmdistill command (pid {holder}, lock file {path});"
                             " wait for it to finish or choose another --out") from None
+        except OSError as err:
+            print(f"mmdistill: cannot lock {path} ({err.strerror or err}); running without a lock: do not start"
+                  " another command on this folder", file=sys.stderr)
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous:
             print(f"mmdistill: taking over {path} from pid {previous}, which ended without releasing it",
