@@ -28,3 +28,25 @@ def test_python_dash_m_works_like_the_console_script():
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "mmdistill: error: bad value 'nope' for 'distill.loss'; choose from nce, cwcl, kl, bce, wbce, mse"]
+
+
+def test_prepare_has_no_out_option(capsys):
+    """prepare writes only to the cache; an --out it silently ignored suggested otherwise."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--preset", "shapes-tiny", "--out", "somewhere"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --out somewhere" in capsys.readouterr().err
+
+
+def test_os_errors_are_one_line_naming_the_path(monkeypatch, capsys):
+    import errno
+
+    import mmdistill.cli as cli
+
+    def fail(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/phase-0.safetensors")
+
+    monkeypatch.setattr(cli, "cmd_presets", fail)
+    assert main(["presets"]) == 1
+    assert capsys.readouterr().err == "mmdistill: error: /runs/x/phase-0.safetensors: no space left on device\n"

@@ -80,3 +80,47 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):
 def test_unknown_preset_suggests_close_names():
     with pytest.raises(UserError, match="unknown preset 'shapes-10'.*shapes-100"):
         load_config("shapes-10")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("distill.lr_init=nan", "distill.lr_init"), ("distill.lr_init=0", "distill.lr_init"),
+    ("distill.lr_init=-0.1", "distill.lr_init"), ("distill.lr_images=-1", "distill.lr_images"),
+    ("distill.lr_texts=inf", "distill.lr_texts"), ("distill.lr_sim=.nan", "distill.lr_sim"),
+    ("experts.lr_img=nan", "experts.lr_img"), ("distill.max_retries=-1", "distill.max_retries"),
+    ("distill.lr_lr=abc", "distill.lr_lr"), ("device=tpu", "device"), ("device=meta", "device")])
+def test_values_no_run_can_use_are_rejected_naming_the_key(override, key):
+    with pytest.raises(UserError, match=f"bad value .* for '{key}'") as err:
+        load_config("shapes-tiny", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_cuda_without_cuda_is_rejected_before_any_work(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="'device': CUDA is not available"):
+        load_config("shapes-tiny", ["device=cuda"])
+
+
+def test_numbers_without_a_dot_parse_without_a_warning(recwarn):
+    """YAML reads 1e30 as a string; OmegaConf would convert it with a FutureWarning."""
+    cfg = load_config("shapes-tiny", ["distill.lr_lr=1e-3", "distill.lr_images=1e3", "evaluate.coreset_lrs=[1e-2]"])
+    assert (cfg.distill.lr_lr, cfg.distill.lr_images, list(cfg.evaluate.coreset_lrs)) == (1e-3, 1000.0, [0.01])
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_pairs_beyond_the_training_captions_stop_prepare():
+    """Checked when the data is known, before the experts train (it used to fail in the coreset baseline)."""
+    from mmdistill.prepare import check_pairs
+
+    train = type("Split", (), {"captions": ["c"] * 1000})()
+    check_pairs(load_config("shapes-tiny"), train)
+    with pytest.raises(UserError, match="bad value 5000 for 'distill.phases.0.pairs': the training split has only"
+                                        " 1000 captions"):
+        check_pairs(load_config("shapes-tiny", ["distill.phases.0.pairs=5000"]), train)
+    halves = load_config("shapes-tiny", ["distill.phases.0.pairs=600", "distill.phases.1.pairs=600"])
+    check_pairs(halves, train)  # each phase fits: enough for experts and a phased distillation
+    with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all, but the training split has only 1000"):
+        check_pairs(halves, train, whole_budget=True)  # a coreset baseline takes them all
+    with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all"):
+        check_pairs(with_method(halves, "lors"), train)  # one phase of all the pairs

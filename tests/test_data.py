@@ -388,3 +388,35 @@ def test_augment_batch_is_deterministic_per_generator(shapes_splits):
     assert 0 <= first.min() and first.max() <= 1
     unflipped = augment_batch(pixels, 12, torch.Generator().manual_seed(1), flip=False)
     assert unflipped.shape == first.shape
+
+
+def test_empty_caption_is_rejected_naming_file_and_line(tmp_path):
+    make_folder(tmp_path)
+    metadata = tmp_path / "train" / "metadata.jsonl"
+    metadata.write_text('{"file_name": "x.png", "text": "ok"}\n{"file_name": "y.png", "text": ["fine", " ... "]}\n')
+    with pytest.raises(UserError, match=re.escape(f"{metadata}:2: empty caption")):
+        build_splits(config("folder", tmp_path))
+
+
+def test_prepare_decodes_every_image_file_once(tmp_path, monkeypatch):
+    """A corrupt or missing file stops `prepare` with its name, not a DataLoader worker of a later stage; files
+    already decoded are recognised by size and mtime."""
+    from mmdistill import prepare as prepare_module
+
+    make_folder(tmp_path)
+    splits = build_splits(config("folder", tmp_path))
+    decoded = []
+    real = prepare_module.decode_image
+    monkeypatch.setattr(prepare_module, "decode_image", lambda path: decoded.append(path) or real(path))
+    prepare_module.verify_images(splits, tmp_path / "cache")
+    assert len(decoded) == 5  # x, y in train and val; y in test
+    prepare_module.verify_images(splits, tmp_path / "cache")
+    assert len(decoded) == 5  # nothing changed: nothing decoded again
+    bad = tmp_path / "val" / "y.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UserError, match=re.escape(f"cannot decode image {bad}")):
+        prepare_module.verify_images(splits, tmp_path / "cache")
+    assert decoded[5:] == [str(bad)]
+    bad.unlink()
+    with pytest.raises(UserError, match=re.escape(f"image file not found: {bad}")):
+        prepare_module.verify_images(splits, tmp_path / "cache")

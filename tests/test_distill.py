@@ -228,3 +228,112 @@ def test_feature_space_phases_show_their_nearest_real_images(tmp_path):
         with Image.open(tmp_path / "out" / f"phase-{p}-nearest-images.png") as grid:
             size = cfg.data.image_size  # 10 pairs -> one row of 10 tiles (torchvision pads 2 px around each)
             assert grid.size == (10 * (size + 2) + 2, size + 4)
+
+
+# -- what is loaded is checked -----------------------------------------------------------------------------
+def _rewrite(path, **tensors):
+    """Rewrite a safetensors file with some tensors replaced, keeping its metadata (save_tensors refuses NaN)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        content, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**content, **tensors}, str(path), metadata=metadata)
+
+
+def test_fewer_phases_into_an_old_folder_leave_no_stale_phase(tiny, distilled, tmp_path):
+    """Distilling one phase where two were: the old phase-1 used to stay and be evaluated with the new phase-0."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(distilled, out)
+    one = config(tiny, "distill.phases=[{pairs: 10, iterations: 2, start_epochs: [0, 1], shortcut_end: 2}]")
+    distill(one, tiny[0] / "experts", out)
+    assert [p["iterations"] for p in load_synthetic(out)] == [2]
+    assert sorted(p.name for p in out.glob("phase-*")) == ["phase-0-captions.json", "phase-0-images.png",
+                                                            "phase-0.safetensors"]
+    shutil.copy(distilled / "phase-1.safetensors", out)  # a phase file of another config, copied in by hand
+    with pytest.raises(UserError, match=f"{out / 'phase-1.safetensors'} is not one of the 1 phases"):
+        load_synthetic(out)
+    shutil.copy(distilled / "phase-0.safetensors", out)
+    (out / "phase-1.safetensors").unlink()
+    with pytest.raises(UserError, match=f"{out / 'phase-0.safetensors'} was distilled with another config"):
+        load_synthetic(out)
+
+
+def test_an_unfinished_distillation_is_not_evaluated(tiny, tmp_path, monkeypatch):
+    real = distill_module.Distiller.run_phase
+    monkeypatch.setattr(distill_module.Distiller, "run_phase",
+                        lambda self, p, *a: (_ for _ in ()).throw(KeyboardInterrupt) if p == 1 else real(self, p, *a))
+    with pytest.raises(KeyboardInterrupt):
+        distill(config(tiny), tiny[0] / "experts", tmp_path)
+    assert (tmp_path / "phase-0.safetensors").exists()
+    with pytest.raises(UserError, match="no finished distillation"):
+        load_synthetic(tmp_path)
+
+
+def test_non_finite_phase_is_refused_by_evaluate_and_resume(tiny, distilled, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(distilled, out)
+    images = load_synthetic(out)[1]["images"].clone()
+    images[0, 0, 0, 0] = float("nan")
+    _rewrite(out / "phase-1.safetensors", images=images)
+    message = f"synthetic phase {out / 'phase-1.safetensors'} holds NaN or Inf values in 'images'"
+    with pytest.raises(UserError, match=message):
+        load_synthetic(out)
+    with pytest.raises(UserError, match=message):  # resume used to take it for a finished phase
+        distill(config(tiny), tiny[0] / "experts", out, resume=True)
+    _rewrite(out / "phase-1.safetensors", images=torch.zeros(10, 3, 8, 8))
+    with pytest.raises(UserError, match=r"'images' has shape \(10, 3, 8, 8\), expected \(10, 3, 16, 16\)"):
+        load_synthetic(out)
+
+
+def test_a_nan_in_an_expert_file_is_reported_as_that_file(tiny, tmp_path):
+    import shutil
+
+    experts = tmp_path / "experts"
+    shutil.copytree(tiny[0] / "experts", experts)
+    from safetensors.torch import load_file
+
+    img = load_file(str(experts / "expert-0001.safetensors"))["img"]
+    img[0, 0] = float("nan")  # snapshot 0: every phase of shapes-tiny reads it
+    _rewrite(experts / "expert-0001.safetensors", img=img)
+    with pytest.raises(UserError, match=f"expert file {experts / 'expert-0001.safetensors'} holds non-finite"):
+        distill(config(tiny), experts, tmp_path / "out")
+
+
+def test_nan_at_the_start_blames_lr_init_and_later_only_the_lrs_that_exist(tiny, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; it fails before any update: lower"
+                                        " distill.lr_init") as err:
+        distill(config(tiny, "distill.lr_init=1.0e30"), tiny[0] / "experts", tmp_path / "a")
+    assert "lr_images" not in str(err.value)
+    calls, real = [], distill_module.matching_gradient
+
+    def nan_from_the_second(*args, **kwargs):
+        calls.append(1)
+        loss, grads = real(*args, **kwargs)
+        return (float("nan"), grads) if len(calls) > 1 else (loss, grads)
+
+    monkeypatch.setattr(distill_module, "matching_gradient", nan_from_the_second)
+    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; lower distill.lr_images /"
+                                        " distill.lr_texts \\(halved") as err:
+        distill(with_method(config(tiny), "mtt-vl"), tiny[0] / "experts", tmp_path / "b")
+    assert "lr_sim" not in str(err.value)  # mtt-vl learns no similarity matrix
+
+
+def test_checkpoint_holds_the_state_of_its_iteration_and_a_bad_one_is_named(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_module.Distiller, "save_phase",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after phase 0's last iteration, before it is saved
+        distill(config(tiny), tiny[0] / "experts", tmp_path)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "checkpoints" / "phase-0.pt"
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 2  # checkpoint_every=2: saved after 2 steps
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])  # truncated
+    with pytest.raises(UserError) as err:
+        distill(config(tiny), tiny[0] / "experts", tmp_path, resume=True)
+    message = str(err.value)
+    assert message.startswith(f"cannot read checkpoint {checkpoint}: ") and "\n" not in message
+    assert "weights_only" not in message

@@ -14,7 +14,8 @@ from mmdistill.config import load_config
 from mmdistill.data import Split
 from mmdistill.encoders import CLIP_MEAN, CLIP_STD
 from mmdistill.errors import UserError
-from mmdistill.evaluate import METRICS, coreset_phases, evaluate_command, full_data_metrics, train_and_test
+from mmdistill.evaluate import (METRICS, coreset_phases, evaluate_command, format_table, full_data_metrics,
+                                train_and_test)
 from mmdistill.model import build_model
 from mmdistill.prepare import Prepared
 
@@ -305,3 +306,11 @@ def test_full_data_metrics_reads_the_expert_summary(tmp_path):
     assert (entry["runs"], entry["r_mean_std"], entry["std"]["IR@1"]) == (4, 0.5, 0.5)
     with pytest.raises(UserError, match="not found"):
         full_data_metrics(tmp_path / "missing")
+
+
+def test_the_table_shows_diverged_runs():
+    """A diverged run reports its last finite checkpoint; the table must not pass that off as a normal result."""
+    entry = {**{m: 1.0 for m in METRICS}, "r_mean_std": 0.0, "runs": 2}
+    lines = format_table({"ptm-st": {**entry, "diverged": 1}, "random": {**entry, "diverged": 0}}).splitlines()
+    assert lines[1].startswith("ptm-st") and lines[1].endswith("2  (1 diverged)")
+    assert lines[2].startswith("random") and "diverged" not in lines[2]

@@ -242,3 +242,20 @@ def test_bench_storage_halves_the_reference():
     assert result["snapshots"] == 4 and result["params_img"] > 0 and result["params_txt"] > 0
     assert result["native_fp16_bytes"] < result["native_fp32_bytes"] < result["reference_bytes"]
     assert result["ratio_fp32"] <= 0.5 and result["ratio_fp16"] <= 0.25
+
+
+def test_an_image_that_breaks_after_prepare_is_one_line_naming_it(tmp_path):
+    """A DataLoader worker re-raises a UserError with its whole traceback as the message."""
+    from mmdistill.data import Split
+    from mmdistill.data.transforms import build_transform
+
+    paths = [str(tmp_path / f"{i}.png") for i in range(4)]
+    for path in paths:
+        Image.new("RGB", (8, 8)).save(path)
+    os.remove(paths[2])
+    split = Split("train", ["a", "b", "c", "d"], [0, 1, 2, 3], [[0], [1], [2], [3]], paths)
+    loader = experts._loader(split, build_transform(8, (0.5,) * 3, (0.5,) * 3, "none"), [0, 1, 2, 3], 2)
+    assert loader.num_workers > 0
+    with pytest.raises(UserError) as err:
+        list(experts._batches(loader))
+    assert str(err.value) == f"image file not found: {paths[2]}"

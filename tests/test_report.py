@@ -27,7 +27,8 @@ def _fake_phase(path: Path, pairs: int, gen: torch.Generator) -> None:
     sim = torch.eye(pairs) + 0.05 * torch.randn(pairs, pairs, generator=gen)
     save_tensors({"images": torch.randn(pairs, 3, 8, 8, generator=gen), "texts": torch.randn(pairs, 16, generator=gen),
                   "sim_full": sim, "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}, path,
-                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0})})  # distill.load_phase
+                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0, "pairs": pairs,
+                                                    "fingerprint": "fake"})})  # distill.load_phase
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ def run_dir(tmp_path):
                      "seconds": 0.1} for i in range(30)]
         history.append({"phase": phase, "event": "recovery", "iteration": 3})
     (distilled / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    meta = {"method": "ptm-st", "fingerprint": "fake", "planned_phases": 2, "phases": [{"pairs": 6}] * 2}
+    (distilled / "meta.json").write_text(json.dumps(meta))  # distill.load_synthetic checks the phases against it
     write_report(tmp_path, _results())
     return tmp_path
 
@@ -83,6 +86,15 @@ def test_best_cell_is_bold_and_full_data_is_not_ranked():
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert rows["ptm-st"].count("**") == 2 * 7 and "**" not in rows["random"] and "**" not in rows["full"]
     assert "30.0 ± 1.0" in rows["ptm-st"]
+
+
+def test_diverged_runs_are_counted_in_the_tables(tmp_path):
+    results = _results()
+    results["methods"]["ptm-st"]["diverged"] = 1
+    rows = {line.split("|")[1].strip(): line for line in markdown_table(results["methods"]).splitlines()[2:]}
+    assert rows["ptm-st"].endswith("| 2 (1 diverged) |  |") and rows["random"].endswith("| 2 |  |")
+    write_report(tmp_path, results)
+    assert "<td>2 (1 diverged)</td>" in (tmp_path / "report.html").read_text()
 
 
 def test_recall_curve_is_plotted_when_the_pipeline_measured_it(run_dir):

@@ -1,6 +1,7 @@
 """Command line: each subcommand parses its arguments, builds the validated config and calls one library function.
 
-User errors (bad preset, key, value, file) print one line `mmdistill: error: ...` and exit with status 2.
+User errors (bad preset, key, value, file) print one line `mmdistill: error: ...` and exit with status 2;
+failures of the system (read-only folder, full disk) print one line naming the path and the cause, status 1.
 """
 from __future__ import annotations
 
@@ -108,13 +109,14 @@ def cmd_bench(args):
 
 
 # -- parser --------------------------------------------------------------------------------------------
-def _common(p, preset_required=True, out_required=False):
+def _common(p, preset_required=True, out_required=False, out=True):
     p.add_argument("--preset", required=preset_required, help="preset name (see `mmdistill presets`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. distill.phases.0.pairs=25 (repeatable)")
     p.add_argument("--seed", type=int, help="global seed (config key `seed`)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--out", required=out_required, help="output folder")
+    if out:
+        p.add_argument("--out", required=out_required, help="output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("prepare", help="materialise a data source and its cached frozen features")
-    _common(p)
+    _common(p, out=False)  # everything prepare makes goes to the cache (config key `cache_dir`)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("experts", help="train expert trajectories (torchrun shards them over ranks)")
@@ -180,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open: an open bar has no line end, so the one-line error message
+    would continue the bar's line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -191,9 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
+        _end_progress_bars()
         print(f"mmdistill: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        _end_progress_bars()
+        cause = (err.strerror or str(err)).strip()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mmdistill: error: {where}{cause[:1].lower()}{cause[1:]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("mmdistill: interrupted", file=sys.stderr)
         return 130
     return 0

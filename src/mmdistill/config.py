@@ -245,14 +245,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number_or_text(text: str) -> float | str:
-    """'1e3' is a string to YAML 1.1 but a number to a user; anything else stays text (and fails validation)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
     """Set a dotted key on a structured config; list items by index (`distill.phases.0.pairs`)."""
     parts = key.split(".")
@@ -270,18 +262,29 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
             if last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
-            if (isinstance(target, FloatNode) or key in AUTO_FLOATS) and _is_int(value):
-                value = float(value)
-            elif key in AUTO_FLOATS and isinstance(value, str) and value != AUTO:
-                value = _number_or_text(value)
+            if isinstance(target, FloatNode) or (key in AUTO_FLOATS and value != AUTO):
+                value = _number(value, key)
             elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
-                value = [float(v) if _is_int(v) else v for v in value]
+                value = [_number(v, key) for v in value]
             node[last] = value
     except ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"bad value {value!r} for {key!r}: {first}") from None
     except (KeyError, IndexError, ValueError, AttributeError, OmegaConfBaseException):
         raise _key_error(cfg, key, "unknown config key") from None
+
+
+def _number(value: Any, key: str) -> Any:
+    """A float key's value as a float: YAML reads `1e30` (no dot) as a string, which OmegaConf would convert
+    with a FutureWarning, so numbers in strings are parsed here; None and non-numbers pass to OmegaConf."""
+    if _is_int(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"bad value {value!r} for {key!r}: expected a number") from None
+    return value
 
 
 def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
@@ -336,7 +339,28 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Dic
         else:
             _set(cfg, key, value)
     validate(cfg)
+    _check_device(cfg.device)
     return cfg
+
+
+def _check_device(name: str) -> None:
+    """A device torch can run on here; checked before any work, since torch would fail only when first used."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"bad value {name!r} for 'device': expected auto, cpu, cuda, cuda:<index> or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"bad value {name!r} for 'device': CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"bad value {name!r} for 'device': this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"bad value {name!r} for 'device': MPS is not available on this machine")
 
 
 def apply_method(cfg: DictConfig, method: str) -> DictConfig:
@@ -361,28 +385,37 @@ def _choice_error(key: str, value: Any) -> UserError:
     return UserError(f"bad value {value!r} for {key!r}{hint}; choose from {', '.join(options)}")
 
 
+# Keys whose value must be >= a bound (None, where a key allows it, means "automatic" and is not checked).
+AT_LEAST_ZERO = ("data.train_images", "data.val_images", "data.test_images", "model.dropout", "experts.lr_img",
+                 "experts.lr_txt", "experts.momentum", "experts.weight_decay", "distill.lr_images", "distill.lr_texts",
+                 "distill.lr_sim", "distill.lr_lr", "distill.momentum", "distill.snapshot_every",
+                 "distill.max_retries", "evaluate.momentum", "evaluate.weight_decay")
+ABOVE_ZERO = ("data.image_size", "data.max_words", "data.captions_per_image", "experts.count", "experts.epochs",
+              "experts.batch_size", "distill.syn_steps", "distill.expert_epochs", "distill.mini_batch_size",
+              "distill.trajectories_per_iter", "distill.checkpoint_every", "distill.sim_rank", "distill.sim_alpha",
+              "distill.lr_init", "distill.blend.alpha", "evaluate.runs", "evaluate.epochs", "evaluate.eval_every",
+              "evaluate.batch_size", "model.temperature")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks the type system cannot express; each failure names its key."""
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in options:
             raise _choice_error(key, value)
-    positive = ["data.image_size", "experts.count", "experts.epochs", "experts.batch_size", "distill.syn_steps",
-                "distill.mini_batch_size", "distill.trajectories_per_iter",
-                "distill.checkpoint_every", "distill.sim_rank", "evaluate.runs", "evaluate.epochs",
-                "evaluate.eval_every", "evaluate.batch_size", "model.temperature"]
-    for key in positive:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be > 0")
+    for key in _all_keys(cfg):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"bad value {value!r} for {key!r}: must be a finite number")
     epochs = cfg.distill.expert_epochs
-    if epochs != AUTO and not (_is_int(epochs) and epochs > 0):
+    if epochs != AUTO and not _is_int(epochs):
         raise UserError(f"bad value {epochs!r} for 'distill.expert_epochs': an integer > 0, or auto")
-    for key in AUTO_KEYS:
-        value = cfg.distill[key]
-        if value != AUTO and not (isinstance(value, float) and math.isfinite(value) and value > 0):
-            raise UserError(f"bad value {value!r} for 'distill.{key}': a finite number > 0, or auto")
-    if not (math.isfinite(cfg.distill.lr_lr) and cfg.distill.lr_lr >= 0):
-        raise UserError(f"bad value {cfg.distill.lr_lr!r} for 'distill.lr_lr': a finite number >= 0")
+    for keys, strict in ((AT_LEAST_ZERO, False), (ABOVE_ZERO, True)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is not None and value != AUTO and (value <= 0 if strict else value < 0):
+                raise UserError(f"bad value {value!r} for {key!r}: must be {'>' if strict else '>='} 0"
+                                f"{', or auto' if key.split('.')[-1] in (*AUTO_KEYS, 'expert_epochs') else ''}")
     if not all(lr > 0 for lr in cfg.evaluate.coreset_lrs):
         raise UserError(f"bad value {list(cfg.evaluate.coreset_lrs)!r} for 'evaluate.coreset_lrs': each must be > 0")
     if not 0.0 <= cfg.distill.ema_decay < 1.0:

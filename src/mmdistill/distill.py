@@ -12,11 +12,13 @@ Outputs in OUT:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from .collapse import CollapseWatch, no_move_loss
 from .config import AUTO, PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
-from .io import append_jsonl, atomic_path, save_tensors, write_json
+from .io import append_jsonl, atomic_path, folder_lock, load_torch, save_tensors, save_torch, write_json
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
@@ -47,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
+PHASE_FILE = re.compile(r"phase-(\d+)\.safetensors")
+PHASE_OUTPUT = re.compile(r"phase-(\d+)(\.safetensors|-images\.png|-nearest-images\.png|-captions\.json)")
+SNAPSHOT_FILE = re.compile(r"phase-(\d+)-(\d+)\.safetensors")
 
 
 def plan_phases(cfg) -> list[PhaseConfig]:
@@ -150,17 +155,29 @@ class SyntheticSet:
         return all(torch.isfinite(v).all() for v in self.syn.values())
 
     def rollback(self, p: int, failed: int) -> None:
-        """Back to the last good state with the data lrs halved; a clear error once the retries are spent."""
+        """Back to the last good state with the data lrs halved; a clear error once the retries are spent.
+
+        The error names the keys that can cause the failure: when every try failed at iteration 0, nothing has been
+        updated yet, so only the students' initial lr can; else also the lrs of the data this set learns (lr_sim
+        only with a learned S).
+        """
         if len(self.recoveries) >= self.dc.max_retries:
+            if failed == 0 and all(r["iteration"] == 0 for r in self.recoveries):
+                hint = "it fails before any update: lower distill.lr_init, the students' initial lr"
+            else:
+                data = ["distill.lr_images", "distill.lr_texts"]
+                data += ["distill.lr_sim"] if any(GROUP_OF.get(k, "sim") == "sim" for k in self.syn) else []
+                hint = (f"lower {' / '.join(data)} (halved at each recovery) or distill.lr_init, or raise"
+                        " distill.max_retries")
             raise UserError(f"phase {p}: loss or gradient not finite at iteration {failed} after"
-                            f" {self.dc.max_retries} recoveries (each halving lr_images, lr_texts, lr_sim); lower"
-                            " distill.lr_images / distill.lr_texts / distill.lr_sim or raise distill.max_retries")
+                            f" {self.dc.max_retries} recoveries; {hint}")
         self.lr_factor /= 2
         self.recoveries.append({"iteration": failed, "restart": self.good["iteration"], "lr_factor": self.lr_factor})
         self.restore(self.good)
 
     def checkpoint(self) -> dict:
-        return {**self.good, "lr_factor": self.lr_factor, "recoveries": self.recoveries}
+        """The current state (finite: the caller checkpoints only after a finished iteration)."""
+        return {**self.snapshot(), "lr_factor": self.lr_factor, "recoveries": self.recoveries}
 
     def load_checkpoint(self, state: dict) -> None:
         self.lr_factor, self.recoveries = state["lr_factor"], state["recoveries"]
@@ -244,8 +261,8 @@ class Distiller:
         state.calibration = calibration
         checkpoint = out / "checkpoints" / f"phase-{p}.pt"
         if resume and checkpoint.exists():
-            saved = torch.load(checkpoint, map_location=self.device, weights_only=True)
-            if saved["fingerprint"] == self.fingerprint:  # another config's checkpoint: start over
+            saved = _load_checkpoint(checkpoint, state, self.fingerprint)
+            if saved is not None:  # None: another config's checkpoint, start over
                 state.load_checkpoint(saved)
         if main:
             checkpoint.parent.mkdir(exist_ok=True)
@@ -282,8 +299,7 @@ class Distiller:
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
-                    with atomic_path(checkpoint) as tmp:
-                        torch.save({**state.checkpoint(), "fingerprint": self.fingerprint}, tmp)
+                    save_torch({**state.checkpoint(), "fingerprint": self.fingerprint}, checkpoint)
             bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}",
                             **({"status": "COLLAPSED"} if watch.collapse else {}))
             bar.update(1)
@@ -321,13 +337,15 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
     from .prepare import prepare
 
     out = Path(out_dir)
-    with distributed.process_group(cfg.device):
+    with distributed.process_group(cfg.device), contextlib.ExitStack() as held:
         store = ExpertStore(experts_dir)
         phases = plan_phases(cfg)
-        with distributed.main_first():  # rank 0 builds the feature cache and the output folder
+        with distributed.main_first():  # rank 0 builds the feature cache and owns the output folder
             bundle = prepare(cfg, verbose=distributed.is_main())
-            out.mkdir(parents=True, exist_ok=True)
-        key = fingerprint(cfg)
+            key = fingerprint(cfg)  # of the config as given: its auto settings are resolved below
+            if distributed.is_main():
+                held.enter_context(folder_lock(out))
+                _clear_stale(out, len(phases), key, resume)
         cfg, expert_epochs = resolve_expert_epochs(cfg, bundle)
         if distributed.is_main():
             logger.info("expert_epochs = %d (%s)", expert_epochs["value"], expert_epochs["reason"])
@@ -337,15 +355,15 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
                             f" epochs 0..{store.epochs}")
         distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), key)
         for p, phase in enumerate(phases):
-            done = out / f"phase-{p}.safetensors"
-            if resume and done.exists() and load_phase(done)["fingerprint"] == key:
+            if resume and (out / f"phase-{p}.safetensors").exists():  # _clear_stale kept only this config's
                 continue
             state = distiller.run_phase(p, phase, out, resume)
             if distributed.is_main():
                 distiller.save_phase(p, phase, state, out)
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
-                _write_meta(cfg, phases, out, expert_epochs)
             distributed.barrier()
+        if distributed.is_main():
+            _write_meta(cfg, phases, out, key, expert_epochs)  # last: it marks the distillation as finished
 
 
 def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
@@ -362,24 +380,132 @@ def fingerprint(cfg) -> str:
     return digest(raw)
 
 
-def load_phase(path: Path) -> dict:
-    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...)."""
+def _phase_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
+            return json.loads((f.metadata() or {})["mmdistill"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
 
 
+def load_phase(path: Path) -> dict:
+    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...).
+
+    Checked before use, since a student trained on a damaged set still yields a normal-looking table: every
+    tensor present, finite and of the shape its metadata implies."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            phase = {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
+    _check_phase(path, phase)
+    return phase
+
+
+def _check_phase(path: Path, phase: dict) -> None:
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        if name not in phase:
+            raise UserError(f"synthetic phase {path} has no tensor {name!r}")
+    for name, value in phase.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"synthetic phase {path} holds NaN or Inf values in {name!r}; distil it again")
+    pairs = phase.get("pairs", len(phase["texts"]))
+    images, texts = phase["images"], phase["texts"]
+    rank = phase["sim_left"].shape[-1] if "sim_left" in phase else 0
+    expected = {"texts": (pairs, texts.shape[-1]), "lr_img": (1,), "lr_txt": (1,),
+                **{"identity": {}, "full": {"sim_full": (pairs, pairs)},
+                   "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)}}
+                [phase.get("similarity", "identity")]}
+    if images.dim() == 4:
+        size = phase.get("image_size", images.shape[-1])
+        expected["images"] = (pairs, 3, size, size)
+    else:
+        expected["images"] = (pairs, images.shape[-1])
+    for name, shape in expected.items():
+        if name not in phase or tuple(phase[name].shape) != shape:
+            found = tuple(phase[name].shape) if name in phase else "missing"
+            raise UserError(f"synthetic phase {path}: {name!r} has shape {found}, expected {shape}")
+
+
 def load_synthetic(out_dir: Path) -> list[dict]:
-    """The distilled phases of a folder, in order, each as load_phase gives it."""
+    """The distilled phases of a finished distillation, in order, each as load_phase gives it.
+
+    Checked against meta.json, which `distill` writes last: the phase count, and each phase's config
+    fingerprint and pairs, so that phase files of an unfinished run or of another config are never mixed in."""
     out = Path(out_dir)
-    paths = []
-    while (out / f"phase-{len(paths)}.safetensors").exists():
-        paths.append(out / f"phase-{len(paths)}.safetensors")
-    if not paths:
-        raise UserError(f"no distilled phases (phase-0.safetensors, ...) in {out}")
-    return [load_phase(path) for path in paths]
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"no finished distillation in {out} ({meta_path.name} not found)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        planned, done, expected = meta["planned_phases"], meta["phases"], meta["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{meta_path} is not the record of a finished distillation of this version; distil"
+                        " again") from None
+    if len(done) != planned:
+        raise UserError(f"the distillation in {out} is unfinished ({len(done)} of {planned} phases); finish it"
+                        " with distill --resume")
+    for path in sorted(out.glob("phase-*.safetensors")):
+        match = PHASE_FILE.fullmatch(path.name)
+        if match and int(match.group(1)) >= planned:
+            raise UserError(f"{path} is not one of the {planned} phases of {meta_path}; delete it")
+    phases = []
+    for p in range(planned):
+        path = out / f"phase-{p}.safetensors"
+        if not path.is_file():
+            raise UserError(f"synthetic phase {path} not found ({meta_path} lists {planned} phases)")
+        phase = load_phase(path)
+        if phase.get("fingerprint") != expected:
+            raise UserError(f"synthetic phase {path} was distilled with another config than {meta_path}; distil"
+                            " again")
+        if phase.get("pairs") != done[p]["pairs"]:
+            raise UserError(f"synthetic phase {path} holds {phase.get('pairs')} pairs, but {meta_path} lists"
+                            f" {done[p]['pairs']}")
+        phases.append(phase)
+    return phases
+
+
+def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | None:
+    """This config's checkpoint (None for another config's), with every entry `state.load_checkpoint` reads, its
+    tensors finite and shaped like `state`'s."""
+    saved = load_torch(path, "checkpoint")
+    if isinstance(saved, dict) and saved.get("fingerprint") not in (expected, None):
+        return None
+    try:
+        tensors = [v for part in ("syn", "ema") for v in saved[part].values()]
+        complete = {"iteration", "optimizer", "lr_factor", "recoveries", "fingerprint"} <= set(saved)
+        shapes_match = all(set(saved[part]) == set(state.syn) and all(
+            torch.is_tensor(v) and v.shape == state.syn[k].shape for k, v in saved[part].items())
+            for part in ("syn", "ema"))
+    except (TypeError, KeyError, AttributeError):
+        complete = shapes_match = False
+    if not (complete and shapes_match):
+        raise UserError(f"checkpoint {path} does not hold this phase's state; delete it to restart the phase")
+    if not all(torch.isfinite(v).all() for v in tensors):
+        raise UserError(f"checkpoint {path} holds NaN or Inf values; delete it to restart the phase")
+    return saved
+
+
+def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
+    """Remove what a later command could take for this run's output: without `resume` every earlier output;
+    with it, the phases (and snapshots) of another config or beyond this run's `count`. A damaged phase file of
+    this config is refused (load_phase), not silently redone."""
+    keep = set()
+    if resume:
+        keep = {p for p in range(count) if (out / f"phase-{p}.safetensors").exists()
+                and load_phase(out / f"phase-{p}.safetensors").get("fingerprint") == expected}
+    for path in out.glob("phase-*"):
+        match = PHASE_OUTPUT.fullmatch(path.name)
+        if match and int(match.group(1)) not in keep:
+            path.unlink()
+    for path in (out / "snapshots").glob("phase-*-*.safetensors"):
+        match = SNAPSHOT_FILE.fullmatch(path.name)
+        if match and not (resume and int(match.group(1)) < count
+                          and _phase_metadata(path).get("fingerprint") == expected):
+            path.unlink()
+    stale = [out / "recall_curve.json"] + ([] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")])
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -446,10 +572,12 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def _write_meta(cfg, phases: list[PhaseConfig], out: Path, expert_epochs: dict) -> None:
-    done = [load_phase(out / f"phase-{p}.safetensors") for p in range(len(phases))
-            if (out / f"phase-{p}.safetensors").exists()]
+def _write_meta(cfg, phases: list[PhaseConfig], out: Path, key: str, expert_epochs: dict) -> None:
+    """meta.json once every phase is written: what load_synthetic checks the phase files against. `key`: the
+    fingerprint of the config as given (the phase files carry it); `cfg` has its auto settings resolved."""
+    done = [_phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
     write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
+                "fingerprint": key, "planned_phases": len(phases),
                 "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
                             "recoveries": d["recoveries"], "calibration": d.get("calibration"),
                             "collapse": d.get("collapse")} for phase, d in zip(phases, done)],

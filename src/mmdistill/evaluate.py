@@ -26,7 +26,7 @@ from .coresets import CORESETS, select_coreset
 from .data.transforms import normalize
 from .errors import UserError
 from .experts import ExpertStore
-from .io import write_json
+from .io import folder_lock, write_json
 from .losses import LOSSES
 from .metrics import retrieval_metrics
 from .model import GROUPS, DualEncoder, build_model
@@ -342,13 +342,16 @@ def results_path(out: Path) -> Path:
 
 
 def format_table(methods: dict) -> str:
-    """One line per method: the six recalls, r_mean +- std, runs, and FAILED / BELOW RANDOM where it applies."""
+    """One line per method: the six recalls, r_mean +- std, runs, how many runs diverged, if any (their numbers
+    are the last finite checkpoint's, so the table must say so), and FAILED / BELOW RANDOM where it applies."""
     header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}  status"
     lines = [header]
     for name, entry in methods.items():
         recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
+        diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
+        status = f"  {method_status(entry, methods)}".rstrip()
         lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
-                     f"  {method_status(entry, methods)}".rstrip())
+                     f"{status}{diverged}")
     notes = failure_notes(methods)
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -386,21 +389,23 @@ def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
     from .distill import load_synthetic  # distill imports much of the package; evaluation only needs its loader
 
     synthetic_dir = Path(synthetic_dir)
-    method = _read_json(synthetic_dir / "meta.json").get("method", cfg.distill.method)
     phases = load_synthetic(synthetic_dir)
-    path = results_path(out_path)
-    results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
-               "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
-    if path.exists():
-        old = _read_json(path)
-        if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
-            raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another --out")
-        results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
+    method = _read_json(synthetic_dir / "meta.json").get("method", cfg.distill.method)
     bundle = prepare(cfg)
-    start = time.perf_counter()
-    entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
-    results["methods"][method] = {**entry, "collapsed_phases": collapsed_phases(phases)}
-    results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
-    write_json(results, path)
+    path = results_path(out_path)
+    with folder_lock(path.parent):
+        results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
+                   "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
+        if path.exists():
+            old = _read_json(path)
+            if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
+                raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another"
+                                " --out")
+            results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
+        start = time.perf_counter()
+        entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+        results["methods"][method] = {**entry, "collapsed_phases": collapsed_phases(phases)}
+        results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
+        write_json(results, path)
     print(format_table(results["methods"]))
     return results

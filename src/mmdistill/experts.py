@@ -12,6 +12,7 @@ the layouts, the training history and a fingerprint of the config keys that shap
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .config import to_dict
 from .errors import UserError
-from .io import append_jsonl, atomic_path, save_tensors, write_json, write_text
+from .io import append_jsonl, folder_lock, load_torch, save_tensors, save_torch, write_json, write_text
 from .losses import LOSSES
 from .model import GROUPS, ParamLayout, build_bench_model, build_model
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
@@ -118,8 +119,17 @@ class ExpertStore:
         return self._metadata[expert]
 
     def _rows(self, expert: int, name: str, rows: slice | int) -> torch.Tensor:
-        with safe_open(str(self.paths[expert]), framework="pt") as f:
-            return f.get_slice(name)[rows]
+        """Some rows of one tensor; non-finite values are refused here, naming the file, so that a damaged expert
+        is not mistaken for a diverging distillation."""
+        path = self.paths[expert]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                values = f.get_slice(name)[rows]
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read expert file {path}: {err}") from None
+        if not torch.isfinite(values).all():
+            raise UserError(f"expert file {path} holds non-finite values in {name!r}; train it again")
+        return values
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch <= self.epochs:
@@ -164,6 +174,16 @@ def _loader(split, transform, order: list[int], batch_size: int, seed: int | Non
                       num_workers=LOADER_WORKERS, generator=seeded)
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches; a worker re-raises a UserError (a file that changed since `prepare` verified it)
+    with its whole traceback as the message, so only the original message is kept."""
+    try:
+        yield from loader
+    except UserError as err:
+        raise UserError(str(err).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")) \
+            from None
+
+
 def _epoch_batches(cfg, bundle, rng: torch.Generator, device: torch.device):
     """One epoch of the reference's buffer training: every caption with its image, shuffled.
 
@@ -192,7 +212,7 @@ def _epoch_batches(cfg, bundle, rng: torch.Generator, device: torch.device):
         transform = build_transform(cfg.data.image_size, bundle.mean, bundle.std, augment, _flip(cfg, bundle))
         seed = int(torch.randint(1 << 62, (1,), generator=rng))
         loader = _loader(split, transform, image_of[order].tolist(), cfg.experts.batch_size, seed)
-        for (images, _), ids in zip(loader, batches):
+        for (images, _), ids in zip(_batches(loader), batches):
             yield images, ids
 
 
@@ -208,7 +228,7 @@ def _image_inputs(cfg, bundle, split_name: str, batch_size: int):
     else:
         split = bundle.splits[split_name]
         transform = build_transform(cfg.data.image_size, bundle.mean, bundle.std, "none")
-        for images, _ in _loader(split, transform, list(range(len(split))), batch_size):
+        for images, _ in _batches(_loader(split, transform, list(range(len(split))), batch_size)):
             yield images
 
 
@@ -345,7 +365,8 @@ def train_experts(cfg, out_dir: Path) -> None:
     from .prepare import prepare
 
     out_dir = Path(out_dir)
-    with distributed.process_group(cfg.device) as (rank, world):
+    with distributed.process_group(cfg.device) as (rank, world), \
+            folder_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         out_dir.mkdir(parents=True, exist_ok=True)
         fingerprint = config_fingerprint(cfg)
         todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), fingerprint)]
@@ -387,11 +408,7 @@ def _check_reference(path: Path, data) -> list[list[list[torch.Tensor]]]:
 
 
 def _load_reference(path: Path) -> list[list[list[torch.Tensor]]]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch.load raises many kinds (pickle, zip, RuntimeError) for a bad file
-        raise UserError(f"cannot read reference buffer {path}: {type(err).__name__}: {err}") from None
-    return _check_reference(path, data)
+    return _check_reference(path, load_torch(path, "reference buffer", mmap=True))
 
 
 def _reference_layout(shapes) -> ParamLayout:
@@ -462,8 +479,7 @@ def write_reference(store: ExpertStore, out: Path, trajectory_of: Callable[[int]
             layout = store.layouts[g]
             content = [[[t.clone() for t in layout.unflatten(row).values()] for row in trajectory[g]]
                        for trajectory in trajectories]
-            with atomic_path(Path(out) / REFERENCE_FILE.format(group=g, n=n)) as tmp:
-                torch.save(content, tmp)
+            save_torch(content, Path(out) / REFERENCE_FILE.format(group=g, n=n))
 
 
 def export_reference(experts_dir: Path, out: Path, snapshots: tuple[int, int] | None = None) -> None:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from .config import ABLATION, METHODS, load_config, to_dict, with_method
 from .coresets import CORESETS
 from .errors import UserError
-from .io import write_json
+from .io import folder_lock, write_json
 from .utils import digest
 from .report import STAGES, write_report, write_table_report
 
@@ -180,12 +180,14 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
 def _open(cfg, out: Path, resume: bool = False) -> Study:
     """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
     from .experts import train_experts
-    from .prepare import prepare
+    from .prepare import check_pairs, prepare
 
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out, resume)
     bundle = functools.cache(functools.partial(prepare, cfg))
     prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
+    # the coreset baselines and the methods without phases take the whole budget at once: checked before the experts
+    check_pairs(cfg, bundle().splits["train"], whole_budget=True)
     experts = ledger.stage("experts", [_sections(cfg, "seed", "experts"), prepared["version"]],
                            lambda resume: train_experts(cfg, out / "experts"),
                            owns=[out / "experts"], needs=[out / "experts" / "summary.json"])
@@ -209,6 +211,17 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
     return results
 
 
+def _locked(command: Callable) -> Callable:
+    """Hold the lock of the output folder (the command's second argument) while the command runs, so that a
+    second command on the same folder stops at once instead of deleting the stages this one is running."""
+    @functools.wraps(command)
+    def locked(cfg, out, *args, **kwargs):
+        with folder_lock(out):
+            return command(cfg, out, *args, **kwargs)
+    return locked
+
+
+@_locked
 def run(cfg, out: Path, resume: bool = False) -> dict:
     """prepare -> experts -> distill -> evaluate (the preset's method and baselines) -> report."""
     out = Path(out)
@@ -232,6 +245,7 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
     return results
 
 
+@_locked
 def compare(cfg, out: Path, page: str, names, title: str) -> dict:
     """Every named method on the same experts, protocol and seeds: results.json + <page>.md + bar chart."""
     out = Path(out)

@@ -6,17 +6,22 @@ Everything heavy is cached on disk by `features.py`, so a second call is cheap.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import SOURCE_FLIP_SAFE, Split, build_splits, load_image
+from .data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
 from .data.transforms import build_transform, pixel_tensor
 from .encoders import build_image_encoder
+from .errors import UserError
 from .features import image_features, text_features
-from .utils import resolve_device
+from .io import write_json
+from .utils import digest, resolve_device
 
 SPLITS = ("train", "validation", "test")
 
@@ -64,11 +69,59 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.cache_dir).expanduser()
 
 
+def check_pairs(cfg, train: Split, whole_budget: bool = False) -> None:
+    """A phase's synthetic pairs start as distinct training caption entries, so no phase may have more pairs than
+    the training split has captions; checked before any expert trains. `whole_budget`: the sum of the phases'
+    pairs must fit too, as for a coreset baseline; a method without phases (distill.use_phases=false) always
+    distils the whole budget as one phase."""
+    captions = len(train.captions)
+    for i, phase in enumerate(cfg.distill.phases):
+        if phase.pairs > captions:
+            raise UserError(f"bad value {phase.pairs!r} for 'distill.phases.{i}.pairs': the training split has only"
+                            f" {captions} captions")
+    total = sum(phase.pairs for phase in cfg.distill.phases)
+    if (whole_budget or not cfg.distill.use_phases) and total > captions:
+        raise UserError(f"bad value for 'distill.phases': {total} pairs in all, but the training split has only"
+                        f" {captions} captions")
+
+
+def verify_images(splits: dict[str, Split], cache: Path) -> None:
+    """Decode every image file the splits index, so a missing or corrupt file stops `prepare` with its name
+    instead of a later stage. Files already decoded are remembered by size and modification time in
+    cache/verified/, so each file is decoded once."""
+    paths = sorted({path for split in splits.values() if isinstance(split.images, list) for path in split.images})
+    if not paths:
+        return
+    record = cache / "verified" / f"images-{digest(paths)}.json"
+    try:
+        known = json.loads(record.read_text()) if record.exists() else {}
+    except json.JSONDecodeError:
+        known = {}
+    stamps = {}
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise UserError(f"image file not found: {path}") from None
+        stamps[path] = [stat.st_size, stat.st_mtime_ns]
+    todo = [path for path in paths if known.get(path) != stamps[path]]
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        try:
+            for path, _ in zip(todo, pool.map(lambda path: decode_image(path).shape, todo)):
+                known[path] = stamps[path]
+        finally:  # keep what was verified before a bad file
+            write_json({path: known[path] for path in paths if path in known}, record)
+
+
 def prepare(cfg, verbose: bool = False) -> Prepared:
-    """Build the splits and their cached features for a config."""
+    """Build the splits (every image file decoded once) and their cached features for a config."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     splits = build_splits(cfg.data)
+    check_pairs(cfg, splits["train"])
+    verify_images(splits, cache_dir(cfg))
     encoder = build_image_encoder(cfg.model.image_encoder, image_size=cfg.data.image_size, pretrained=False,
                                   **dict(cfg.model.convnet))
     bundle = Prepared(splits=splits, texts={}, mean=tuple(encoder.mean), std=tuple(encoder.std),

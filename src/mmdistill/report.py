@@ -67,13 +67,19 @@ def best_methods(methods: dict) -> dict[str, set[str]]:
     return best
 
 
+def _runs(entry: dict) -> str:
+    """The runs cell; diverged runs report their last finite checkpoint, so they are counted in it."""
+    diverged = entry.get("diverged")
+    return f"{entry.get('runs', '')} ({diverged} diverged)" if diverged else f"{entry.get('runs', '')}"
+
+
 def markdown_table(methods: dict) -> str:
     """Mean ± std per metric, best per column (full data excluded) in bold."""
     best = best_methods(methods)
     lines = ["| method | " + " | ".join(METRICS) + " | runs | status |", "|---" * (len(METRICS) + 3) + "|"]
     for name, entry in methods.items():
         cells = [f"**{_cell(entry, m)}**" if name in best[m] else _cell(entry, m) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('runs', '')} |"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_runs(entry)} |"
                      f" {method_status(entry, methods)} |")
     return "\n".join(lines)
 
@@ -89,7 +95,7 @@ def _html_table(methods: dict) -> str:
         css = " class=\"reference\"" if name == REFERENCE else ""
         status = method_status(entry, methods)
         status_cell = f"<td class=\"failed\">{status}</td>" if status else "<td></td>"
-        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{entry.get('runs', '')}</td>"
+        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{_runs(entry)}</td>"
                     f"{status_cell}</tr>")
     return (f"<table class=\"results\"><thead><tr><th>method</th>{head}<th>runs</th><th>status</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")

@@ -72,7 +72,11 @@ def load_image(split: Split, i: int) -> torch.Tensor:
     """
     if isinstance(split.images, torch.Tensor):
         return split.images[i]
-    path = split.images[i]
+    return decode_image(split.images[i])
+
+
+def decode_image(path: str) -> torch.Tensor:
+    """An image file as uint8 RGB [3,H,W]; a UserError naming the file when it is missing or cannot be decoded."""
     if not os.path.isfile(path):
         raise UserError(f"image file not found: {path}")
     try:
@@ -165,6 +169,9 @@ def parse_record(entry, where: str, image_key: str = "image", text_key: str = "c
     texts = [text] if isinstance(text, str) else text
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise UserError(f"{where}: {text_key!r} must be a string or a non-empty list of strings")
+    for text in texts:
+        if not clean_caption(text):  # nothing to match its image with; every empty caption would look alike
+            raise UserError(f"{where}: empty caption {text!r} (nothing is left after cleaning)")
     return image, texts
 
 
