@@ -48,7 +48,7 @@ def test_method_switches_are_configuration():
     lors = load_config("shapes-100", ["distill.method=lors"])
     assert lors.distill.similarity == "lowrank" and not lors.distill.use_phases and not lors.distill.use_ema
     mtt = with_method(load_config("shapes-100"), "mtt-vl")
-    assert mtt.distill.similarity == "identity" and mtt.distill.gradient == "unroll" and mtt.distill.lr_lr == 0.01
+    assert mtt.distill.similarity == "identity" and mtt.distill.gradient == "unroll" and mtt.distill.lr_lr == 0.05
     assert load_config("shapes-100", ["distill.method=mtt-vl", "distill.lr_lr=0.001"]).distill.lr_lr == 0.001
     # the user's override wins over the method's switch
     assert load_config("shapes-100", ["distill.method=lors", "distill.similarity=full"]).distill.similarity == "full"

@@ -106,9 +106,11 @@ class DistillConfig:
     lr_sim: Union[float, str] = AUTO
     lr_init: Union[float, str] = AUTO  # initial learnable student learning rate (alpha_img = alpha_txt)
     # How the learned student lrs move: log-adam (Adam on log(lr): each iteration changes an lr by about
-    # lr_lr as a fraction, whatever its gradient's size) or sgd (the reference: SGD with momentum on the lr).
+    # lr_lr as a fraction, whatever its gradient's size) or sgd (the reference: SGD with momentum on the lr,
+    # whose lr_lr is 0.01). 0.05 lets an lr grow tenfold in about 50 iterations, as the data comes to want it
+    # (shapes-100, where the learned lrs rise from 0.009 to ~0.07: r_mean 33.1 at 0.01, 37.6 at 0.05).
     lr_update: str = "log-adam"
-    lr_lr: float = 0.01
+    lr_lr: float = 0.05
     momentum: float = 0.5
     space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
     init: str = "real"  # real | noise
