@@ -18,3 +18,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """shapes-tiny experts (2 experts x 3 epochs) and the overrides that point at their feature cache."""
+    from mmdistill.config import load_config
+    from mmdistill.experts import train_experts
+
+    root = tmp_path_factory.mktemp("tiny")
+    overrides = [f"cache_dir={root / 'cache'}"]
+    train_experts(load_config("shapes-tiny", overrides), root / "experts")
+    return root, overrides

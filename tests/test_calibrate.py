@@ -10,17 +10,9 @@ from mmdistill.config import load_config, with_method
 from mmdistill.distill import Distiller, plan_phases, resolve_expert_epochs
 from mmdistill.errors import UserError
 from mmdistill.evaluate import failure_notes, format_table
-from mmdistill.experts import ExpertStore, train_experts
+from mmdistill.experts import ExpertStore
 from mmdistill.matching import matching_gradient
 from mmdistill.prepare import prepare
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calibrate")
-    overrides = [f"cache_dir={root / 'cache'}"]
-    train_experts(load_config("shapes-tiny", overrides), root / "experts")
-    return root, overrides
 
 
 def _distiller(tiny, cfg):

@@ -22,15 +22,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """shapes-tiny experts (2 experts x 3 epochs) and the overrides that point at their feature cache."""
-    root = tmp_path_factory.mktemp("tiny")
-    overrides = [f"cache_dir={root / 'cache'}"]
-    train_experts(load_config("shapes-tiny", overrides), root / "experts")
-    return root, overrides
-
-
 def config(tiny, *extra):
     return load_config("shapes-tiny", tiny[1] + list(extra))
 
