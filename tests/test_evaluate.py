@@ -276,7 +276,7 @@ def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, 
     bundle = make_bundle()
     phases = [real_phase(bundle, torch.arange(10)), real_phase(bundle, torch.arange(10, 20))]
     monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
-    monkeypatch.setitem(sys.modules, "mmdistill.distill", types.SimpleNamespace(load_synthetic=lambda d: phases))
+    monkeypatch.setitem(sys.modules, "mmdistill.synthetic", types.SimpleNamespace(load_synthetic=lambda d: phases))
     synthetic = tmp_path / "syn"
     synthetic.mkdir()
     for method in ("ptm-st", "lors"):

@@ -386,7 +386,7 @@ def collapsed_phases(phases: list[dict]) -> list[dict]:
 
 def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
     """`mmdistill evaluate`: evaluate a distillation output and merge its entry into results.json."""
-    from .distill import load_synthetic  # distill imports much of the package; evaluation only needs its loader
+    from .synthetic import load_synthetic
 
     synthetic_dir = Path(synthetic_dir)
     phases = load_synthetic(synthetic_dir)
