@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets  # the hf extra, which `make setup` installs with the test extra
 import numpy as np
 import pytest
 import torch
@@ -80,10 +81,9 @@ def test_a_set_written_before_the_format_was_versioned_reads_as_1_0(tiny_run, tm
         load_distilled(reference)
 
 
-def test_export_folder_round_trip_is_exact(tiny_run, tmp_path, capsys):
+def test_export_folder_round_trip_is_exact(tiny_run, tmp_path):
     """export -> evaluate --synthetic EXPORTED: the run's r_mean bit for bit; the folder loads as an imagefolder."""
-    datasets = pytest.importorskip("datasets")
-    path, cfg, overrides = tiny_run
+    path, _, overrides = tiny_run
     out = tmp_path / "exported"
     assert main(["export", str(path), "--to", "folder", str(out)]) == 0
     sets = [arg for item in overrides for arg in ("--set", item)]
@@ -115,7 +115,6 @@ def test_export_folder_round_trip_is_exact(tiny_run, tmp_path, capsys):
 
 
 def test_export_hf_saves_a_dataset_and_reports_a_failed_push(tiny_run, tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
     path = tiny_run[0]
     out = tmp_path / "hf"
     assert main(["export", str(path), "--to", "hf", str(out), "--push", "someone/tiny"]) == 2
@@ -144,8 +143,8 @@ def _reference_file(phase: dict, path: Path, norm: dict) -> Path:
     return path
 
 
-def test_a_reference_layout_file_is_scored(tiny_run, tmp_path, capsys):
-    path, cfg, overrides = tiny_run
+def test_a_reference_layout_file_is_scored(tiny_run, tmp_path):
+    path, cfg, _ = tiny_run
     native = load_distilled(path)
     phase = native.phases[0]
     file = _reference_file(phase, tmp_path / "distilled_0_2000.pt", native.normalization)
