@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	    $$SUDO apt-get install -y $$pkg >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y $$pkg >/dev/null; }; }; \
 	done
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,hf]"
 	$(PY) -c "import mmdistill, torch, torchvision, timm"
 	touch $(STAMP)
 

@@ -14,7 +14,8 @@ import torch
 
 import mmdistill.distill as distill_module
 from mmdistill.config import load_config, with_method
-from mmdistill.distill import SyntheticSet, distill, load_synthetic, plan_phases
+from mmdistill.distill import SyntheticSet, distill, plan_phases
+from mmdistill.synthetic import load_synthetic
 from mmdistill.errors import UserError
 from mmdistill.experts import train_experts
 

@@ -1,8 +1,6 @@
 import json
 import math
 import os
-import sys
-import types
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the tests never touch the network
 
@@ -10,6 +8,7 @@ import pytest
 import torch
 
 import mmdistill.evaluate as evaluate
+import mmdistill.synthetic
 from mmdistill.config import load_config
 from mmdistill.data import Split
 from mmdistill.encoders import CLIP_MEAN, CLIP_STD
@@ -18,6 +17,7 @@ from mmdistill.evaluate import (METRICS, coreset_phases, evaluate_command, forma
                                 train_and_test)
 from mmdistill.model import build_model
 from mmdistill.prepare import Prepared
+from mmdistill.synthetic import DistilledSet
 
 FEATURE_DIM, TEXT_DIM, CAPTIONS = 64, 16, 2  # convnet depth 1, width 4 on 8 px images gives 4*4*4 = 64 features
 
@@ -276,11 +276,10 @@ def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, 
     bundle = make_bundle()
     phases = [real_phase(bundle, torch.arange(10)), real_phase(bundle, torch.arange(10, 20))]
     monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
-    monkeypatch.setitem(sys.modules, "mmdistill.distill", types.SimpleNamespace(load_synthetic=lambda d: phases))
     synthetic = tmp_path / "syn"
-    synthetic.mkdir()
     for method in ("ptm-st", "lors"):
-        (synthetic / "meta.json").write_text(json.dumps({"method": method}))
+        distilled = DistilledSet(phases, {"method": method}, str(synthetic), "native")
+        monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
         evaluate_command(cfg, synthetic, tmp_path / "out")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["preset"] == "shapes-tiny" and results["dataset"] == "shapes"

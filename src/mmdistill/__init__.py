@@ -1,3 +1,17 @@
 """mmdistill: multimodal (image-text) dataset distillation (PTM-ST, LoRS, MTT-VL, representation blending)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The public API, imported on first use so that `import mmdistill` (and the CLI) stays fast."""
+    if name == "load_distilled":
+        from .synthetic import load_distilled
+        return load_distilled
+    if name == "train_student":
+        from .evaluate import train_student
+        return train_student
+    raise AttributeError(f"module 'mmdistill' has no attribute {name!r}")
+
+
+__all__ = ["load_distilled", "train_student", "__version__"]

@@ -74,7 +74,20 @@ def cmd_evaluate(args):
     if args.runs is not None:
         args.set = list(args.set or []) + [f"evaluate.runs={args.runs}"]
     cfg = _config(args)
-    evaluate_command(cfg, Path(args.synthetic), Path(args.out))
+    evaluate_command(cfg, Path(args.synthetic), Path(args.out), fmt=args.format)
+
+
+def cmd_export(args):
+    from .synthetic import export, load_distilled
+
+    out = export(load_distilled(Path(args.source)), args.to, Path(args.out), push=args.push)
+    print(f"exported to {out}" + (f" and pushed to {args.push}" if args.push else ""))
+
+
+def cmd_inspect(args):
+    from .synthetic import describe, load_distilled
+
+    print(describe(load_distilled(Path(args.source), args.format)))
 
 
 def cmd_run(args):
@@ -156,9 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="train fresh students on synthetic phases and report retrieval recall")
     _common(p, out_required=True)
-    p.add_argument("--synthetic", required=True, help="distillation output folder")
+    p.add_argument("--synthetic", required=True,
+                   help="distilled set: run or distillation folder, an export, or another code base's .pt (--format)")
+    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"],
+                   help="layout of --synthetic: mmdistill's own (default) or the PTM-ST / LoRS reference .pt")
     p.add_argument("--runs", type=int)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a distilled set as a Hugging Face imagefolder or datasets.Dataset")
+    p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder or export")
+    p.add_argument("--to", required=True, choices=["folder", "hf"],
+                   help="folder: imagefolder layout; hf: datasets.Dataset.save_to_disk (needs mmdistill[hf])")
+    p.add_argument("out", metavar="OUT", help="new output folder")
+    p.add_argument("--push", metavar="REPO_ID", help="then upload to the Hugging Face Hub as this dataset repo")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="one-screen summary of a distilled set")
+    p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder, export or .pt")
+    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"])
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("run", help="prepare -> experts -> distill -> evaluate -> report")
     _common(p, out_required=True)

@@ -3,10 +3,12 @@
 Every method is this one loop with other switches (config.METHODS): phases or one merged phase, shortcut or
 plain expert windows, EMA or none, identity / full / low-rank S, blending, and the gradient mode.
 
-Outputs in OUT:
+Outputs in OUT, written through `synthetic` (the distilled-set format; README "Use a distilled set"):
 - phase-<p>.safetensors: the phase's EMA state (images, texts, similarity parameters, lr_img, lr_txt) and its
-  metadata; phase-<p>-images.png, phase-<p>-captions.json (nearest real caption of each synthetic text);
-- meta.json (method, config, seed, iterations and recoveries per phase, version, git commit), history.jsonl;
+  metadata; phase-<p>-images.png (or -nearest-images.png), phase-<p>-captions.json (nearest real caption of each
+  synthetic text, and nearest real image of each synthetic image feature);
+- meta.json (method, preset, config, seed, encoders, normalisation, iterations and recoveries per phase, version,
+  git commit), history.jsonl;
 - checkpoints/phase-<p>.pt while a phase runs. All randomness of iteration k of phase p comes from
   generator(seed, "iter", p, k, sample), so `resume` continues bit-identically on CPU from any checkpoint.
 """
@@ -28,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
 from torch.optim import SGD
 
 from . import __version__, distributed
@@ -37,11 +38,12 @@ from .collapse import CollapseWatch, no_move_loss
 from .config import AUTO, PhaseConfig, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
-from .io import append_jsonl, atomic_path, folder_lock, load_torch, save_tensors, save_torch, write_json
+from .io import append_jsonl, atomic_path, folder_lock, load_torch, save_torch
 from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
 from .similarity import init_similarity
+from .synthetic import load_phase, phase_metadata, write_captions, write_meta, write_phase
 from .trajectory import matching_pair
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
 
@@ -49,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
-PHASE_FILE = re.compile(r"phase-(\d+)\.safetensors")
 PHASE_OUTPUT = re.compile(r"phase-(\d+)(\.safetensors|-images\.png|-nearest-images\.png|-captions\.json)")
 SNAPSHOT_FILE = re.compile(r"phase-(\d+)-(\d+)\.safetensors")
 
@@ -310,12 +311,16 @@ class Distiller:
     def save_phase(self, p: int, phase: PhaseConfig, state: SyntheticSet, out: Path) -> None:
         """The EMA state and its views; the safetensors file comes last: it marks the phase as done."""
         ema = {k: v.detach().cpu() for k, v in state.ema.items()}
+        nearest = _nearest_captions(ema["texts"], self.bundle)
         if ema["images"].dim() == 4:
             _save_grid(ema["images"], self.bundle, out / f"phase-{p}-images.png")
         else:
-            _save_nearest_grid(ema["images"], self.bundle, self.cfg.data.image_size,
-                               out / f"phase-{p}-nearest-images.png")
-        write_json(_nearest_captions(ema["texts"], self.bundle), out / f"phase-{p}-captions.json")
+            # a feature vector is no picture: its nearest real image stands in for it in the grid and the export
+            similarity, image_ids = _cosine_nearest(ema["images"], self.bundle.features["train"])
+            _save_nearest_grid(image_ids, self.bundle, self.cfg.data.image_size, out / f"phase-{p}-nearest-images.png")
+            for record, s, i in zip(nearest, similarity.tolist(), image_ids.tolist()):
+                record.update(image_id=i, image_similarity=round(s, 4))
+        write_captions(nearest, out / f"phase-{p}-captions.json")
         self.save_ema(phase, state, out / f"phase-{p}.safetensors")
 
     def save_ema(self, phase: PhaseConfig, state: SyntheticSet, path: Path) -> None:
@@ -325,9 +330,7 @@ class Distiller:
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
                     "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
                     "calibration": state.calibration.to_json(), "collapse": getattr(state, "collapse", None)}
-        # One JSON entry: safetensors stores metadata in a hash map whose order changes from process to process.
-        save_tensors({k: v.detach().cpu() for k, v in state.ema.items()}, path,
-                     {"mmdistill": json.dumps(metadata, sort_keys=True)})
+        write_phase(path, state.ema, metadata)
 
 
 def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None:
@@ -363,7 +366,7 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
             distributed.barrier()
         if distributed.is_main():
-            _write_meta(cfg, phases, out, key, expert_epochs)  # last: it marks the distillation as finished
+            _write_meta(cfg, bundle, phases, out, key, expert_epochs)  # last: it marks the distillation as finished
 
 
 def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
@@ -378,91 +381,6 @@ def fingerprint(cfg) -> str:
     raw.pop("device")
     raw.pop("cache_dir")
     return digest(raw)
-
-
-def _phase_metadata(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["mmdistill"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
-
-
-def load_phase(path: Path) -> dict:
-    """A phase file: its tensors plus its metadata (similarity, sim_alpha, space, pairs, iterations, ...).
-
-    Checked before use, since a student trained on a damaged set still yields a normal-looking table: every
-    tensor present, finite and of the shape its metadata implies."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            phase = {**{k: f.get_tensor(k) for k in f.keys()}, **json.loads((f.metadata() or {})["mmdistill"])}
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read synthetic phase {path}: {type(err).__name__}: {err}") from None
-    _check_phase(path, phase)
-    return phase
-
-
-def _check_phase(path: Path, phase: dict) -> None:
-    for name in ("images", "texts", "lr_img", "lr_txt"):
-        if name not in phase:
-            raise UserError(f"synthetic phase {path} has no tensor {name!r}")
-    for name, value in phase.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise UserError(f"synthetic phase {path} holds NaN or Inf values in {name!r}; distil it again")
-    pairs = phase.get("pairs", len(phase["texts"]))
-    images, texts = phase["images"], phase["texts"]
-    rank = phase["sim_left"].shape[-1] if "sim_left" in phase else 0
-    expected = {"texts": (pairs, texts.shape[-1]), "lr_img": (1,), "lr_txt": (1,),
-                **{"identity": {}, "full": {"sim_full": (pairs, pairs)},
-                   "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)}}
-                [phase.get("similarity", "identity")]}
-    if images.dim() == 4:
-        size = phase.get("image_size", images.shape[-1])
-        expected["images"] = (pairs, 3, size, size)
-    else:
-        expected["images"] = (pairs, images.shape[-1])
-    for name, shape in expected.items():
-        if name not in phase or tuple(phase[name].shape) != shape:
-            found = tuple(phase[name].shape) if name in phase else "missing"
-            raise UserError(f"synthetic phase {path}: {name!r} has shape {found}, expected {shape}")
-
-
-def load_synthetic(out_dir: Path) -> list[dict]:
-    """The distilled phases of a finished distillation, in order, each as load_phase gives it.
-
-    Checked against meta.json, which `distill` writes last: the phase count, and each phase's config
-    fingerprint and pairs, so that phase files of an unfinished run or of another config are never mixed in."""
-    out = Path(out_dir)
-    meta_path = out / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"no finished distillation in {out} ({meta_path.name} not found)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        planned, done, expected = meta["planned_phases"], meta["phases"], meta["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{meta_path} is not the record of a finished distillation of this version; distil"
-                        " again") from None
-    if len(done) != planned:
-        raise UserError(f"the distillation in {out} is unfinished ({len(done)} of {planned} phases); finish it"
-                        " with distill --resume")
-    for path in sorted(out.glob("phase-*.safetensors")):
-        match = PHASE_FILE.fullmatch(path.name)
-        if match and int(match.group(1)) >= planned:
-            raise UserError(f"{path} is not one of the {planned} phases of {meta_path}; delete it")
-    phases = []
-    for p in range(planned):
-        path = out / f"phase-{p}.safetensors"
-        if not path.is_file():
-            raise UserError(f"synthetic phase {path} not found ({meta_path} lists {planned} phases)")
-        phase = load_phase(path)
-        if phase.get("fingerprint") != expected:
-            raise UserError(f"synthetic phase {path} was distilled with another config than {meta_path}; distil"
-                            " again")
-        if phase.get("pairs") != done[p]["pairs"]:
-            raise UserError(f"synthetic phase {path} holds {phase.get('pairs')} pairs, but {meta_path} lists"
-                            f" {done[p]['pairs']}")
-        phases.append(phase)
-    return phases
 
 
 def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | None:
@@ -501,7 +419,7 @@ def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
     for path in (out / "snapshots").glob("phase-*-*.safetensors"):
         match = SNAPSHOT_FILE.fullmatch(path.name)
         if match and not (resume and int(match.group(1)) < count
-                          and _phase_metadata(path).get("fingerprint") == expected):
+                          and phase_metadata(path).get("fingerprint") == expected):
             path.unlink()
     stale = [out / "recall_curve.json"] + ([] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")])
     for path in stale:
@@ -526,13 +444,12 @@ def _cosine_nearest(queries: torch.Tensor, real: torch.Tensor) -> tuple[torch.Te
     return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
 
-def _save_nearest_grid(features: torch.Tensor, bundle, image_size: int, path: Path) -> None:
+def _save_nearest_grid(image_ids: torch.Tensor, bundle, image_size: int, path: Path) -> None:
     """Feature-space phases have no pixels to show: the most cosine-similar real training image of each one."""
     from torchvision.utils import save_image
 
-    _, nearest = _cosine_nearest(features, bundle.features["train"])
     with atomic_path(path) as tmp:
-        save_image(bundle.pixels01("train", nearest, image_size), tmp, nrow=10, format="png")
+        save_image(bundle.pixels01("train", image_ids, image_size), tmp, nrow=10, format="png")
 
 
 def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
@@ -572,17 +489,21 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def _write_meta(cfg, phases: list[PhaseConfig], out: Path, key: str, expert_epochs: dict) -> None:
+def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, expert_epochs: dict) -> None:
     """meta.json once every phase is written: what load_synthetic checks the phase files against. `key`: the
-    fingerprint of the config as given (the phase files carry it); `cfg` has its auto settings resolved."""
-    done = [_phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
-    write_json({"method": cfg.distill.method, "seed": cfg.seed, "config": to_dict(cfg),
+    fingerprint of the config as given (the phase files carry it); `cfg` has its auto settings resolved.
+    The encoders and the pixel normalisation are written out so the set can be used without the config."""
+    done = [phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
+    write_meta({"method": cfg.distill.method, "preset": cfg.name, "seed": cfg.seed, "config": to_dict(cfg),
                 "fingerprint": key, "planned_phases": len(phases),
                 "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
                             "recoveries": d["recoveries"], "calibration": d.get("calibration"),
                             "collapse": d.get("collapse")} for phase, d in zip(phases, done)],
+                "encoders": {"image": cfg.model.image_encoder, "text": cfg.model.text_encoder,
+                             "text_dim": bundle.text_dim},
+                "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
                 "expert_epochs": expert_epochs, "lr_source": "ema", "version": __version__,
-                "git_commit": _git_commit(), "world_size": distributed.world_size()}, out / "meta.json")
+                "git_commit": _git_commit(), "world_size": distributed.world_size()}, out)
 
 
 # ----------------------------------------------------------------------------------------------- benchmark

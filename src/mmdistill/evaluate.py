@@ -92,6 +92,7 @@ class _Checkpoints:
     Protocol "val" scores a checkpoint by validation r_mean and keeps a copy of the student's state (buffers
     included), whose test recall is measured once at the end. Protocol "reference" measures test recall at
     every checkpoint and keeps the best (biased upward: it selects on the test set, as the reference did).
+    Either way the best checkpoint's state is kept, so that the student can be handed back in it.
     """
 
     def __init__(self, model: DualEncoder, splits: dict, protocol: str, device):
@@ -118,14 +119,15 @@ class _Checkpoints:
         self.curve.append({"phase": phase, "epoch": epoch, "val_r_mean": val["r_mean"]})
         score = (test if reference else val)["r_mean"]
         if self.best is None or score > self.best["score"]:
-            state = None if reference else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best = {"score": score, "val": val, "test": test, "phase": phase, "epoch": epoch, "state": state}
         return True
 
     def result(self) -> dict:
+        """The selected checkpoint's recall; the student is left in that checkpoint's state."""
         best = self.best
+        self.model.load_state_dict(best["state"])
         if best["test"] is None:
-            self.model.load_state_dict(best["state"])
             best["test"] = self._recall("test")
         return {"test": best["test"], "val": best["val"], "phase": best["phase"], "epoch": best["epoch"],
                 "curve": self.curve}
@@ -186,6 +188,12 @@ def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_e
     last epoch of each phase (epoch 0 of a later phase is the last checkpoint of the one before). A run that
     diverges stops there and reports its best finite checkpoint with "diverged": true.
     """
+    return _train_student(cfg, bundle, phases, seed, image_encoder)[1]
+
+
+def _train_student(cfg, bundle: Prepared, phases: list[dict], seed: int,
+                   image_encoder: str | None) -> tuple[DualEncoder, dict]:
+    """train_and_test's student, left in the state of the checkpoint the protocol selected, and its result."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     encoder_name = image_encoder or cfg.evaluate.image_encoder or cfg.model.image_encoder
@@ -206,7 +214,37 @@ def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_e
             if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
                 diverged = True
                 break
-    return {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
+    return model, {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
+
+
+def train_student(distilled, cfg=None, *, seed: int | None = None, device: str | None = None,
+                  image_encoder: str | None = None) -> DualEncoder:
+    """Train a fresh student on a distilled set (`synthetic.load_distilled`) as `evaluate` trains each of its runs.
+
+    `cfg`: the config to train under; by default the one the set was distilled with (a set from another code base
+    carries none: pass one, e.g. `mmdistill.config.load_config("flickr30k-100")`). `seed`: by default that of
+    evaluate's first run, so the student is the one behind its first per_run entry. Returns the student in eval
+    mode, in the state of the checkpoint the protocol selects; `student.metrics` holds its recall (as per_run).
+    """
+    from omegaconf import OmegaConf
+
+    from .config import from_dict
+    from .synthetic import phases_for
+
+    if cfg is None:
+        if "config" not in distilled.meta:
+            raise UserError(f"{distilled.source} carries no mmdistill config: pass cfg, e.g."
+                            " mmdistill.config.load_config(PRESET)")
+        cfg = from_dict(distilled.meta["config"])
+    if device is not None:
+        cfg = OmegaConf.merge(cfg, {"device": device})
+    bundle = prepare(cfg)
+    phases = phases_for(distilled, cfg, bundle)
+    seed = derive_seed(cfg.seed, "eval", 0) if seed is None else seed
+    model, result = _train_student(cfg, bundle, phases, seed, image_encoder)
+    model.eval()
+    model.metrics = result
+    return model
 
 
 # -- several runs ----------------------------------------------------------------------------------------
@@ -384,14 +422,15 @@ def collapsed_phases(phases: list[dict]) -> list[dict]:
     return [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases) if phase.get("collapse")]
 
 
-def evaluate_command(cfg, synthetic_dir: Path, out_path: Path) -> dict:
-    """`mmdistill evaluate`: evaluate a distillation output and merge its entry into results.json."""
-    from .distill import load_synthetic  # distill imports much of the package; evaluation only needs its loader
+def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
+    """`mmdistill evaluate`: evaluate a distilled set (any layout `synthetic.load_distilled` reads, or another code
+    base's with `fmt`) and merge its entry into results.json."""
+    from .synthetic import load_distilled, phases_for
 
-    synthetic_dir = Path(synthetic_dir)
-    phases = load_synthetic(synthetic_dir)
-    method = _read_json(synthetic_dir / "meta.json").get("method", cfg.distill.method)
+    distilled = load_distilled(synthetic, fmt)
+    method = distilled.method
     bundle = prepare(cfg)
+    phases = phases_for(distilled, cfg, bundle)
     path = results_path(out_path)
     with folder_lock(path.parent):
         results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),

@@ -124,7 +124,8 @@ class Study:
         then evaluate it, a coreset or the full-data experts with one protocol and the same seeds.
 
         Returns the evaluation stage's record ("result": the results.json entry, "version")."""
-        from .distill import distill, load_synthetic, plan_phases
+        from .distill import distill, plan_phases
+        from .synthetic import load_synthetic
         from .evaluate import collapsed_phases, evaluate_coreset, evaluate_phases, full_data_metrics
 
         cfg, experts_dir = self.cfg, self.out / "experts"
@@ -157,7 +158,7 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
     Only when the distillation kept snapshots (snapshots/phase-<p>-<iteration>.safetensors); at most
     CURVE_POINTS per phase, spread over the iterations, so the curve stays a small part of the evaluation.
     """
-    from .distill import load_phase
+    from .synthetic import load_phase
     from .evaluate import evaluate_phases
 
     found: dict[int, list[tuple[int, Path]]] = {}

@@ -261,15 +261,15 @@ def _phase_files(distilled: Path) -> list[int]:
 
 def _captions(path: Path) -> list[list]:
     """Rows [#, nearest real caption, cosine] for the first synthetic texts ({"caption", "similarity"} records)."""
-    if not path.exists():
-        return []
-    items = json.loads(path.read_text())[:CAPTION_ROWS]
+    from .synthetic import read_captions
+
+    items = (read_captions(path) or [])[:CAPTION_ROWS]
     return [[i, item["caption"], f"{item['similarity']:.2f}"] for i, item in enumerate(items)]
 
 
 def _similarities(distilled: Path) -> list[torch.Tensor]:
     """The learned S of each phase; empty when the method learns none (identity)."""
-    from .distill import load_synthetic
+    from .synthetic import load_synthetic
     from .similarity import full_matrix
 
     phases = load_synthetic(distilled)
@@ -366,8 +366,9 @@ def write_report(run_dir: Path, results: dict) -> None:
         doc.note("No distillation history (distilled/history.jsonl) was found.")
     curve = distilled / "recall_curve.json"
     if curve.exists():
-        meta = distilled / "meta.json"
-        method = json.loads(meta.read_text()).get("method") if meta.exists() else None
+        from .synthetic import read_meta
+
+        method = read_meta(distilled).get("method") if (distilled / "meta.json").exists() else None
         doc.figure(recall_curve(json.loads(curve.read_text()), history, methods, method, figures / "recall.png"),
                    "r_mean of students trained on intermediate synthetic snapshots, 1 run each (star: the final"
                    " evaluation; dotted: baselines)")

@@ -101,7 +101,7 @@ def build_tuxpaint_folder(out: Path, stamps: Path = TUXPAINT_STAMPS, seed: int =
 
 def run_robustness(out: Path, budgets=BUDGETS, names: list[str] | None = None) -> dict:
     """Every set x budget through `run`'s stages (ptm-st, random, full); results.json + robustness.md + chart."""
-    from .distill import load_synthetic
+    from .synthetic import load_synthetic
     from .evaluate import collapsed_phases
     from .pipeline import compare
 
