@@ -13,6 +13,7 @@ from mmdistill.evaluate import failure_notes, format_table
 from mmdistill.experts import ExpertStore
 from mmdistill.matching import matching_gradient
 from mmdistill.prepare import prepare
+from mmdistill.similarity import full_matrix
 
 
 def _distiller(tiny, cfg):
@@ -47,6 +48,32 @@ def test_calibration_returns_the_documented_values(tiny):
         step = getattr(result, key) * sum(norms[group]) / SAMPLES
         assert step / syn[tensor].norm().item() == pytest.approx(RELATIVE_STEP[group], rel=1e-4)
         assert result.reasons[key].startswith("auto:")
+
+
+def test_a_low_rank_similarity_is_calibrated_on_the_matrix_it_defines(tiny):
+    """LoRS's S = diag(a) + (alpha / r) L R^T: a step on the factors moves S by much more than the factors' own
+    norm suggests, so lr_sim is set from the change of the dense S (checked here by finite differences)."""
+    cfg = with_method(load_config("shapes-tiny", tiny[1]), "lors")
+    distiller = _distiller(tiny, cfg)
+    phase = plan_phases(cfg)[0]
+    syn = distiller.init_synthetic(0, phase)
+    result = calibrate(distiller, 0, phase, syn)
+    value = torch.full_like(syn["lr_img"], result.lr_init)
+    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
+    keys = ["sim_diag", "sim_left", "sim_right"]
+    n, eps = len(syn["images"]), 1e-3
+
+    def dense(params):
+        return full_matrix("lowrank", params, n, cfg.distill.sim_alpha)
+
+    changes = []
+    for theta_start, theta_target, plan in _windows(distiller, 0, phase):
+        _, grads = matching_gradient(distiller.model, at_init, theta_start, theta_target, plan, **distiller.options)
+        moved = dense({k: syn[k].double() + eps * grads[k].double() for k in keys})
+        changes.append(((moved - dense({k: syn[k].double() for k in keys})) / eps).norm().item())
+    size = dense({k: syn[k] for k in keys}).norm().item()
+    relative = result.lr_sim * sum(changes) / len(changes) / size
+    assert relative == pytest.approx(RELATIVE_STEP["sim"], rel=1e-2)
 
 
 def test_configured_values_win_and_identity_similarity_needs_no_lr(tiny):

@@ -9,8 +9,9 @@ the student lr that matches a window best shifts with the experts' steps per epo
   1.95 at the best lr, 3.2 at 3x, 22 at 10x), so the phase starts at half the best lr, on the gentle side; the
   learned-lr update takes it from there.
 - `lr_images`, `lr_texts`, `lr_sim`: SGD lrs that move each variable by a fixed fraction of its norm in the first
-  step (RELATIVE_STEP), from the mean norm of its matching gradient at that lr_init. This makes them independent
-  of the feature scale (unit-norm MiniLM vs BERT CLS vs pixels) and of the number of pairs.
+  step (RELATIVE_STEP), from the mean norm of its matching gradient at that lr_init (for S: of the change it makes
+  to the dense matrix). This makes them independent of the feature scale (unit-norm MiniLM vs BERT CLS vs
+  pixels), of the number of pairs and of how S is parametrised.
 - `expert_epochs` (M, the target is M epochs after the start): the fewest epochs whose expert steps are at least
   the synthetic steps. With 440 images and one caption each an epoch is 4 steps of batch 128, so a 1-epoch
   target asked 8 synthetic steps to imitate 4 (measured on that set: r_mean 37.7 at M=1, 46.6 at M=2; it is
@@ -25,8 +26,10 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.func import jvp
 
 from .config import AUTO, PhaseConfig
+from .similarity import full_matrix
 from .matching import InnerLoop, InnerPlan, matching_gradient, matching_loss
 from .trajectory import matching_pair
 from .utils import generator
@@ -138,7 +141,7 @@ def calibrate(distiller, p: int, phase: PhaseConfig, syn: dict[str, torch.Tensor
         if grad > 0 and size > 0 and math.isfinite(grad):
             lrs[key] = RELATIVE_STEP[group] * size / grad
             reasons[key] = (f"auto: moves {group} by {RELATIVE_STEP[group]:.1%} of their norm ({size:.3g}) in the"
-                            f" first step (mean gradient norm {grad:.3g})")
+                            f" first step (mean change per unit lr {grad:.3g})")
         else:  # nothing to learn (identity S) or no gradient at all: the lr is never used to move anything
             lrs[key] = 0.0
             reasons[key] = f"auto: {group} {'has no parameters' if size == 0 else 'receive no gradient'} here"
@@ -146,22 +149,26 @@ def calibrate(distiller, p: int, phase: PhaseConfig, syn: dict[str, torch.Tensor
 
 
 def _gradient_norms(distiller, syn, windows) -> dict[str, tuple[float, float]]:
-    """Per variable group: (norm of the initial values, mean norm of the matching gradient over the windows)."""
-    totals: dict[str, list[float]] = {}
+    """Per variable group: (norm of its initial value, mean norm of the first-order change that one unit-lr SGD
+    step makes to it, over the windows). For images and texts that change is the gradient itself; for the
+    similarity it is measured on the dense S the parameters define, so that a low-rank S (where a step on the
+    factors moves S by far more than their own norm suggests) and a full S move alike."""
+    dc = distiller.cfg.distill
+    sim_keys = [k for k in syn if k.startswith("sim_")]
+    n = len(syn["images"])
+
+    def dense(*params):
+        return full_matrix(dc.similarity, dict(zip(sim_keys, params)), n, dc.sim_alpha)
+
+    changes: dict[str, list[float]] = {}
     for theta_start, theta_target, plan in windows:
         _, grads = matching_gradient(distiller.model, syn, theta_start, theta_target, plan, **distiller.options)
-        for group, keys in _groups(syn).items():
-            totals.setdefault(group, []).append(math.sqrt(sum(grads[k].square().sum().item() for k in keys)))
-    result = {}
-    for group, keys in _groups(syn).items():
-        size = math.sqrt(sum(syn[k].square().sum().item() for k in keys))
-        result[group] = (size, statistics.fmean(totals[group]))
-    return result
-
-
-def _groups(syn: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    groups = {"images": ["images"], "texts": ["texts"]}
-    sim = [k for k in syn if k.startswith("sim_")]
-    if sim:
-        groups["sim"] = sim
-    return groups
+        changes.setdefault("images", []).append(grads["images"].norm().item())
+        changes.setdefault("texts", []).append(grads["texts"].norm().item())
+        if sim_keys:
+            _, moved = jvp(dense, tuple(syn[k] for k in sim_keys), tuple(grads[k] for k in sim_keys))
+            changes.setdefault("sim", []).append(moved.norm().item())
+    sizes = {"images": syn["images"].norm().item(), "texts": syn["texts"].norm().item()}
+    if sim_keys:
+        sizes["sim"] = dense(*(syn[k] for k in sim_keys)).norm().item()
+    return {group: (sizes[group], statistics.fmean(changes[group])) for group in sizes}
