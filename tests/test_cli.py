@@ -185,3 +185,11 @@ def test_flat_folder_of_own_data_runs_to_a_report(tmp_path, capsys):
             " carved images); validation 6 images / 6 captions (carved from train: 6 of 60 images, seed 0); test 6"
             " images / 6 captions (carved from train: 6 of 60 images, seed 0)" in printed)
     assert (out / "report.html").exists() and json.loads((out / "results.json").read_text())["dataset"] == "folder"
+
+
+def test_set_before_a_command_without_config_is_an_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--set", "seed=1", "presets"])
+    assert exit_.value.code == 2 and "presets takes no config" in capsys.readouterr().err

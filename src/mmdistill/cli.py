@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             args.preset or args.config or args.global_config):
         parser.error(f"bench {args.what}: --preset (or --config) is required")
     _check_log_option(parser, args)
+    if (args.global_set or args.global_config) and not hasattr(args, "preset"):
+        parser.error(f"{args.command} takes no config: --set and --config apply to the commands that do")
     try:
         setup_logging(_log_level(args))
         args.func(args)
