@@ -35,7 +35,7 @@ def _config(args):
 
 
 def _sink(args):
-    """The metrics sink named by `--log` (checked before any work), or None."""
+    """The metrics sink named by `--log` (its form was checked with the arguments), or None."""
     spec = getattr(args, "log", None)
     if not spec:
         return None

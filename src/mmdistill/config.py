@@ -1,8 +1,8 @@
 """Typed configuration: dataclass schema, YAML presets, dotted overrides, method resolution and validation.
 
-Load order (later wins): schema defaults -> preset YAML (after its `inherit` chain) -> the user's config file
-(`--config`, same schema) -> the method's defining switches (`METHODS[distill.method]`) -> the user's
-`--set key=value` overrides. Unknown keys and bad values are rejected with a one-line `UserError` naming the key
+Load order (later wins): schema defaults -> preset YAML (after its `inherit` chain) -> the method's defining
+switches (`METHODS[distill.method]`) -> the user's config file (`--config`, the presets' schema, applied as the
+same `--set`s would be) -> the user's `--set key=value` overrides. Unknown keys and bad values are rejected with a one-line `UserError` naming the key
 (and the file) and its close matches, before any work starts. This module imports no torch (only `device`
 checks do), so such errors come back in a fraction of a second.
 """
@@ -380,7 +380,7 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
     """Build the validated config for a preset, a user config file merged over it, and `key=value` overrides.
 
     The file may name its base preset with `inherit`; without `--preset` that base is used (none: the schema
-    defaults). The config's name is the preset's, else the file's stem.
+    defaults). The config's name is the preset's, else the file's `name`, else its stem.
     """
     user = read_config_file(config_file) if config_file is not None else {}
     base = preset
