@@ -57,7 +57,7 @@ def test_clean_caption_follows_spec():
 
 
 def test_registry_and_unknown_source():
-    assert set(SOURCES) == {"shapes", "emoji", "flickr30k", "coco", "cc3m", "folder"}
+    assert set(SOURCES) == {"shapes", "emoji", "flickr30k", "coco", "cc3m", "folder", "hf"}
     assert set(SOURCE_FLIP_SAFE) == set(SOURCES)
     assert SOURCE_FLIP_SAFE["shapes"] is False and SOURCE_FLIP_SAFE["flickr30k"] is True
     with pytest.raises(UserError, match="unknown data source 'nope'"):

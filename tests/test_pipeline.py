@@ -157,3 +157,20 @@ def test_recall_curve_evaluates_the_snapshots_the_engine_kept(tiny):
     assert [(c["phase"], c["iteration"]) for c in curve] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     assert all(0.0 <= c["r_mean"] <= 100.0 for c in curve)
     assert (out / "figures" / "recall.png").exists()
+
+
+def test_progress_bar_postfix_redraws_only_after_mininterval():
+    """set_postfix on a plain tqdm redraws every call (a line per batch in a log file); ours waits for
+    mininterval like update does. A disabled bar (another torchrun rank's) takes set_postfix too."""
+    import io
+
+    from mmdistill.utils import progress_bar
+
+    out = io.StringIO()
+    with progress_bar(total=100, file=out, mininterval=3600) as bar:
+        for step in range(100):
+            bar.set_postfix(loss=f"{step:.3f}")
+            bar.update(1)
+    assert out.getvalue().count("\r") <= 3  # first draw and close
+    with progress_bar(total=2, disable=True) as bar:
+        bar.set_postfix(loss="1")

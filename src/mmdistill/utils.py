@@ -48,6 +48,8 @@ class _Bar(tqdm):
     every call, which in a log file is one line per batch."""
 
     def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        if self.disable:  # a disabled bar (another torchrun rank's) has no clock
+            return
         due = self._time() - self.last_print_t >= self.mininterval
         super().set_postfix(ordered_dict, refresh=refresh and due, **kwargs)
 
