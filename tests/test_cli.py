@@ -181,7 +181,7 @@ def test_flat_folder_of_own_data_runs_to_a_report(tmp_path, capsys):
                  "--set", "data.val_images=0", "--set", "data.test_images=0", "--set",
                  f"cache_dir={tmp_path / 'cache'}", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert (f"prepared folder in" in printed and f"train 48 images / 48 captions ({root / 'metadata.csv'}, less the"
+    assert ("prepared folder in" in printed and f"train 48 images / 48 captions ({root / 'metadata.csv'}, less the"
             " carved images); validation 6 images / 6 captions (carved from train: 6 of 60 images, seed 0); test 6"
             " images / 6 captions (carved from train: 6 of 60 images, seed 0)" in printed)
     assert (out / "report.html").exists() and json.loads((out / "results.json").read_text())["dataset"] == "folder"
