@@ -57,7 +57,7 @@ def test_clean_caption_follows_spec():
 
 
 def test_registry_and_unknown_source():
-    assert set(SOURCES) == {"shapes", "emoji", "flickr30k", "coco", "cc3m", "folder"}
+    assert set(SOURCES) == {"shapes", "emoji", "flickr30k", "coco", "cc3m", "folder", "hf"}
     assert set(SOURCE_FLIP_SAFE) == set(SOURCES)
     assert SOURCE_FLIP_SAFE["shapes"] is False and SOURCE_FLIP_SAFE["flickr30k"] is True
     with pytest.raises(UserError, match="unknown data source 'nope'"):
@@ -344,9 +344,68 @@ def test_folder_bad_inputs_name_file_and_line(tmp_path):
     metadata.write_text('{"file_name": "x.png", "text": "ok"}\n')
     with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'val' / 'metadata.csv'}:2: missing key 'text'")):
         build_splits(config("folder", tmp_path))
-    (tmp_path / "val" / "metadata.csv").unlink()
-    with pytest.raises(UserError, match=re.escape(str(tmp_path / "val" / "metadata.jsonl"))):
-        build_splits(config("folder", tmp_path))
+    (tmp_path / "val" / "metadata.csv").unlink()  # a split folder without metadata: the split is carved
+    metadata.write_text('{"file_name": "x.png", "text": "ok"}\n{"file_name": "y.png", "text": "ok too"}\n')
+    assert build_splits(config("folder", tmp_path))["validation"].origin.startswith("carved from train")
+
+
+def write_flat_folder(root, images=20, captions_per_image=1, csv_file=True):
+    """A user's one folder: metadata.csv (file_name,text) at the root, images in nested folders below img/."""
+    rows = []
+    for i in range(images):
+        name = f"img/{'ab'[i % 2]}/{i:03d}.png"
+        write_png(root / name, value=10 * i % 250)
+        rows += [[name, f"picture number {i} variant {c}"] for c in range(captions_per_image)]
+    if csv_file:
+        with open(root / "metadata.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["file_name", "text"], *rows])
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in rows))
+
+
+def test_folder_flat_csv_carves_validation_and_test_by_seed(tmp_path):
+    write_flat_folder(tmp_path, images=20, captions_per_image=2)
+    splits = build_splits(config("folder", tmp_path, val_images=3, test_images=0, test_fraction=0.25))
+    assert [len(splits[n]) for n in ("train", "validation", "test")] == [12, 3, 5]
+    paths = [p for s in splits.values() for p in s.images]
+    assert len(set(paths)) == 20 and all(os.path.isfile(p) for p in paths)  # disjoint, nested folders resolved
+    for split in splits.values():
+        check_links(split, captions_per_image=2)  # repeated file_name rows: one image, both captions
+    assert splits["train"].origin == f"{tmp_path / 'metadata.csv'}, less the carved images"
+    assert splits["test"].origin == "carved from train: 5 of 20 images, seed 0"
+    again = build_splits(config("folder", tmp_path, val_images=3, test_images=0, test_fraction=0.25))
+    assert again["test"].images == splits["test"].images  # the same seed carves the same images
+    other = build_splits(config("folder", tmp_path, val_images=3, test_images=0, test_fraction=0.25, seed=1))
+    assert other["test"].images != splits["test"].images
+    with pytest.raises(UserError, match="cannot give 15 validation, 6 test images"):
+        build_splits(config("folder", tmp_path, val_images=15, test_images=6))
+
+
+def test_folder_split_aliases_and_jsonl_at_the_root(tmp_path):
+    write_flat_folder(tmp_path / "training", images=10, csv_file=False)
+    write_flat_folder(tmp_path / "dev", images=4)
+    splits = build_splits(config("folder", tmp_path, val_fraction=0.1, test_fraction=0.2))
+    assert [len(splits[n]) for n in ("train", "validation", "test")] == [8, 4, 2]
+    assert splits["validation"].origin == str(tmp_path / "dev" / "metadata.csv")
+    assert splits["train"].images[0].startswith(str(tmp_path / "training" / "img"))
+    write_flat_folder(tmp_path / "flat", images=10, csv_file=False)
+    assert len(build_splits(config("folder", tmp_path / "flat", val_fraction=0.1, test_fraction=0.1))["train"]) == 8
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no-train"])
+def test_folder_layout_errors_show_the_layout_and_a_command(tmp_path, layout):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "no-train":
+        write_flat_folder(root / "test", images=2)
+    with pytest.raises(UserError) as err:
+        build_splits(config("folder", root))
+    message = str(err.value)
+    assert "\n" not in message and f"{root}/metadata.csv (columns file_name,text" in message
+    assert f"mmdistill run --preset shapes-100 --set data.source=folder --set data.root={root}" in message
+    assert {"missing": "data root not found", "empty": "no metadata.csv or metadata.jsonl in",
+            "no-train": "has test split folders but no train/"}[layout] in message
 
 
 # ---- transforms ---------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_unknown_names():
         build_text_encoder("bert")
     with pytest.raises(UserError):
         build_text_encoder("hf:")
-    assert list_encoders()["text"] == ["minilm", "hf:<name>", "st:<name>"]
+    assert list_encoders()["text"] == ["minilm", "hf:<name>", "st:<name>", "open_clip:<name>"]
 
 
 def test_minilm_shapes_and_determinism(minilm):
@@ -121,18 +121,54 @@ def test_text_encoder_is_frozen_and_stays_in_eval_mode(minilm):
     assert not any(p.requires_grad for p in minilm.parameters())
 
 
-def test_hf_cls_encoder_on_local_path(minilm):
-    from transformers import AutoModel, AutoTokenizer
+def _tiny_hf_model(folder, kind):
+    """A randomly initialised small transformers model saved with MiniLM's (BERT WordPiece) tokenizer."""
+    from transformers import (AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection,
+                              DistilBertConfig, DistilBertModel)
 
-    encoder = build_text_encoder(f"hf:{MINILM_PATH}")
+    tokenizer = AutoTokenizer.from_pretrained(MINILM_PATH)
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=tokenizer.vocab_size)
+    if kind == "bert":
+        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, **sizes))
+    elif kind == "distilbert":
+        model = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, **sizes))
+    else:  # a CLIP text tower whose end-of-text token is the tokenizer's [SEP]
+        model = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=24,
+            max_position_embeddings=77, eos_token_id=tokenizer.sep_token_id, pad_token_id=0, **sizes))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("kind,pooling", [("bert", "cls"), ("distilbert", "mean"), ("clip", "projected")])
+def test_hf_text_encoders_pool_as_their_model_was_trained(tmp_path, kind, pooling):
+    model, tokenizer = _tiny_hf_model(tmp_path, kind)
+    encoder = build_text_encoder(f"hf:{tmp_path}")
     features = encoder.encode(CAPTIONS)
-    assert encoder.dim == 384 and features.shape == (len(CAPTIONS), 384)
-    assert not any(m.training for m in encoder.modules())
-    tokenizer, model = AutoTokenizer.from_pretrained(MINILM_PATH), AutoModel.from_pretrained(MINILM_PATH).eval()
+    assert encoder.pooling == pooling and not encoder.normalize
+    batch = tokenizer(CAPTIONS[:2], padding=True, return_tensors="pt")
     with torch.no_grad():
-        cls = model(**tokenizer(CAPTIONS[3:4], return_tensors="pt")).last_hidden_state[:, 0]
-    torch.testing.assert_close(features[3:4], cls, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(features, minilm.encode(CAPTIONS), atol=1e-2)  # CLS, not mean pooling
+        if kind == "clip":
+            expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+        else:
+            hidden = model(**{k: v for k, v in batch.items() if k != "token_type_ids" or kind == "bert"}
+                           ).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            expected = hidden[:, 0] if pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+    assert encoder.dim == expected.shape[1] == features.shape[1]
+    torch.testing.assert_close(features[:2], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_sentence_transformers_model_pools_as_declared_and_matches_st(minilm):
+    """MiniLM is a sentence-transformers model: mean pooling + Normalize, so hf: and st: give the same features
+    (hf: read the CLS token before, which is not what the model was trained for)."""
+    encoder = build_text_encoder(f"hf:{MINILM_PATH}")
+    assert (encoder.pooling, encoder.normalize, encoder.dim) == ("mean", True, 384)
+    assert not any(m.training for m in encoder.modules())
+    torch.testing.assert_close(encoder.encode(CAPTIONS), minilm.encode(CAPTIONS), atol=1e-5, rtol=1e-4)
 
 
 def test_st_encoder_on_local_path_matches_minilm(minilm):
@@ -146,3 +182,53 @@ def test_text_encoder_load_failure_is_a_one_line_user_error(name):
     with pytest.raises(UserError, match="cannot load text encoder") as info:
         build_text_encoder(name)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A small open_clip model config registered under `mmdistill-tiny` (weights cannot download here), and a
+    checkpoint of one randomly initialised instance."""
+    open_clip = pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("open_clip")
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "mmdistill-tiny.json").write_text(__import__("json").dumps(config))
+    open_clip.add_model_config(folder / "mmdistill-tiny.json")
+    torch.manual_seed(1)
+    model = open_clip.create_model("mmdistill-tiny").eval()
+    checkpoint = folder / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return open_clip, model, checkpoint
+
+
+def test_open_clip_image_encoder_random_init_and_local_checkpoint(tiny_open_clip):
+    open_clip, reference, checkpoint = tiny_open_clip
+    encoder = build_image_encoder("open_clip:mmdistill-tiny", image_size=32)
+    assert encoder.out_dim == 16 and encoder.mean == open_clip.OPENAI_DATASET_MEAN
+    pixels = torch.randn(3, 3, 32, 32)
+    assert encoder(pixels).shape == (3, 16)
+    loaded = build_image_encoder(f"open_clip:mmdistill-tiny@{checkpoint}", image_size=32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels), reference.encode_image(pixels))
+        assert not torch.allclose(encoder.eval()(pixels), reference.encode_image(pixels))
+    smaller = build_image_encoder("open_clip:mmdistill-tiny", image_size=16)  # the data's image size
+    assert smaller(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+    random = build_image_encoder(f"open_clip:mmdistill-tiny@{checkpoint}", image_size=32, pretrained=False).eval()
+    with torch.no_grad():
+        assert not torch.allclose(random(pixels), reference.encode_image(pixels))  # model.pretrained=false
+
+
+def test_open_clip_text_encoder_and_bad_names(tiny_open_clip):
+    open_clip, reference, checkpoint = tiny_open_clip
+    encoder = build_text_encoder(f"open_clip:mmdistill-tiny@{checkpoint}")
+    features = encoder.encode(CAPTIONS)
+    assert encoder.dim == 16 and features.shape == (len(CAPTIONS), 16)
+    with torch.no_grad():
+        expected = reference.encode_text(open_clip.get_tokenizer("mmdistill-tiny")(CAPTIONS[:2]))
+    torch.testing.assert_close(features[:2], expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(UserError, match="unknown open_clip model 'ViT-B-322' \\(did you mean ViT-B-32"):
+        build_image_encoder("open_clip:ViT-B-322", image_size=32)
+    with pytest.raises(UserError) as info:
+        build_text_encoder("open_clip:mmdistill-tiny@no_such_tag")
+    assert str(info.value).startswith("open_clip:mmdistill-tiny@no_such_tag: ") and "\n" not in str(info.value)

@@ -1,11 +1,13 @@
 """Pipeline: stage reuse and resume (Ledger), and a shapes-tiny `run` end to end, reused, then partly rerun."""
 import json
+import logging
 import shutil
 
 import pytest
 
 from mmdistill.config import load_config
 from mmdistill.pipeline import STAGES, Ledger, run
+from mmdistill.tracking import tracking
 
 METRIC_KEYS = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean", "r_mean_std", "runs"}
 
@@ -65,7 +67,38 @@ def tiny(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("shapes-tiny", [f"cache_dir={cache}", "device=cpu"])
-    return cfg, cache, out, run(cfg, out)
+    with tracking(RecordingSink()):
+        results = run(cfg, out)
+    return cfg, cache, out, results
+
+
+class RecordingSink:
+    """A metrics sink that keeps what the stages send (the first run of the `tiny` fixture)."""
+
+    scalars_seen: list[tuple[str, dict, int]] = []
+    closed = False
+
+    def scalars(self, group, values, step):
+        self.scalars_seen.append((group, values, step))
+
+    def close(self):
+        RecordingSink.closed = True
+
+
+def test_run_sends_loss_lrs_recalls_and_the_table_to_the_sink(tiny):
+    cfg, _, _, results = tiny
+    seen = RecordingSink.scalars_seen
+    groups = {group for group, _, _ in seen}
+    assert {"distill/ptm-st/phase-0", "distill/ptm-st/phase-1", "experts/expert-0", "experts/expert-1",
+            "results/ptm-st", "results/random", "results/full"} <= groups
+    distill = [(values, step) for group, values, step in seen if group == "distill/ptm-st/phase-0"]
+    assert [step for _, step in distill] == list(range(cfg.distill.phases[0].iterations))
+    assert all(set(values) == {"loss", "lr_img", "lr_txt"} for values, _ in distill)
+    assert [step for group, _, step in seen if group == "experts/expert-0"] == list(range(1, cfg.experts.epochs + 1))
+    table = next(values for group, values, _ in seen if group == "results/ptm-st")
+    assert table["r_mean"] == results["methods"]["ptm-st"]["r_mean"]
+    assert any(group.startswith("recall/ptm-st/") for group in groups)  # the recall-curve snapshots
+    assert RecordingSink.closed
 
 
 def test_run_writes_every_output(tiny):
@@ -93,13 +126,14 @@ def test_run_writes_every_output(tiny):
     assert all(name in html for name in results["methods"]) and "https://" not in html
 
 
-def test_second_run_reuses_every_stage(tiny, capsys):
+def test_second_run_reuses_every_stage(tiny, caplog):
     cfg, _, out, first = tiny
-    again = run(cfg, out)
+    with caplog.at_level(logging.INFO, logger="mmdistill"):
+        again = run(cfg, out)
     assert again["timing"]["reused"] == list(STAGES)
     assert again["methods"] == first["methods"]
     assert sum(again["timing"][f"{s}_s"] for s in STAGES) < 10
-    assert capsys.readouterr().out.count("reused") >= len(STAGES)
+    assert caplog.text.count("reused") >= len(STAGES)  # one line per stage
 
 
 def test_changed_distill_key_reruns_distill_evaluate_and_report_only(tiny, tmp_path):
@@ -123,3 +157,20 @@ def test_recall_curve_evaluates_the_snapshots_the_engine_kept(tiny):
     assert [(c["phase"], c["iteration"]) for c in curve] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     assert all(0.0 <= c["r_mean"] <= 100.0 for c in curve)
     assert (out / "figures" / "recall.png").exists()
+
+
+def test_progress_bar_postfix_redraws_only_after_mininterval():
+    """set_postfix on a plain tqdm redraws every call (a line per batch in a log file); ours waits for
+    mininterval like update does. A disabled bar (another torchrun rank's) takes set_postfix too."""
+    import io
+
+    from mmdistill.utils import progress_bar
+
+    out = io.StringIO()
+    with progress_bar(total=100, file=out, mininterval=3600) as bar:
+        for step in range(100):
+            bar.set_postfix(loss=f"{step:.3f}")
+            bar.update(1)
+    assert out.getvalue().count("\r") <= 3  # first draw and close
+    with progress_bar(total=2, disable=True) as bar:
+        bar.set_postfix(loss="1")

@@ -7,24 +7,44 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_SINKS = ("tensorboard", "wandb")
 
 
 def _config(args):
+    """The validated config of a command. Called before the command imports torch or anything heavy, so that a
+    typo in a key or a value is reported within a fraction of a second."""
     from .config import load_config
 
-    overrides = list(args.set or [])
+    overrides = list(args.global_set or []) + list(args.set or [])
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
-    return load_config(args.preset, overrides)
+    config_file = args.config or args.global_config
+    if config_file is None and not args.preset:
+        raise UserError(f"{args.command}: give --preset NAME (see `mmdistill presets`) or --config FILE")
+    return load_config(args.preset, overrides, config_file)
 
 
-# -- subcommand bodies (imports are local so `mmdistill presets` starts fast) ------------------------------
+def _sink(args):
+    """The metrics sink named by `--log` (its form was checked with the arguments), or None."""
+    spec = getattr(args, "log", None)
+    if not spec:
+        return None
+    from .tracking import open_sink
+
+    return open_sink(spec[0], spec[1] if len(spec) > 1 else None)
+
+
+# -- subcommand bodies (imports are local, after the config is built, so errors in it come fast) ---------
 def cmd_presets(args):
     from .config import _preset_chain, preset_names
 
@@ -35,18 +55,25 @@ def cmd_presets(args):
         print(f"{name:<{width}}  {description}")
 
 
+def cmd_config(args):
+    from .config import to_yaml
+
+    print(to_yaml(_config(args)), end="")
+
+
 def cmd_prepare(args):
+    cfg = _config(args)
     from .prepare import prepare, print_summary
 
-    cfg = _config(args)
     print_summary(prepare(cfg, verbose=True))
 
 
 def cmd_experts(args):
-    from .experts import train_experts
-
     cfg = _config(args)
-    train_experts(cfg, Path(args.out))
+    with _tracked(args):
+        from .experts import train_experts
+
+        train_experts(cfg, Path(args.out))
 
 
 def cmd_experts_import(args):
@@ -62,19 +89,21 @@ def cmd_shortcut(args):
 
 
 def cmd_distill(args):
-    from .distill import distill
-
     cfg = _config(args)
-    distill(cfg, Path(args.experts), Path(args.out), resume=args.resume)
+    with _tracked(args):
+        from .distill import distill
+
+        distill(cfg, Path(args.experts), Path(args.out), resume=args.resume)
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_command
-
     if args.runs is not None:
         args.set = list(args.set or []) + [f"evaluate.runs={args.runs}"]
     cfg = _config(args)
-    evaluate_command(cfg, Path(args.synthetic), Path(args.out), fmt=args.format)
+    with _tracked(args):
+        from .evaluate import evaluate_command
+
+        evaluate_command(cfg, Path(args.synthetic), Path(args.out), fmt=args.format)
 
 
 def cmd_export(args):
@@ -91,9 +120,11 @@ def cmd_inspect(args):
 
 
 def cmd_run(args):
-    from .pipeline import run
+    cfg = _config(args)
+    with _tracked(args):
+        from .pipeline import run
 
-    run(_config(args), Path(args.out), resume=args.resume)
+        run(cfg, Path(args.out), resume=args.resume)
 
 
 def cmd_demo(args):
@@ -103,9 +134,11 @@ def cmd_demo(args):
 
 
 def cmd_ablate(args):
-    from .pipeline import ablate
+    cfg = _config(args)
+    with _tracked(args):
+        from .pipeline import ablate
 
-    ablate(_config(args), Path(args.out))
+        ablate(cfg, Path(args.out))
 
 
 def cmd_bench(args):
@@ -118,97 +151,171 @@ def cmd_bench(args):
         bench.robustness(out=args.out, as_json=args.json)
         return
     cfg = _config(args)
-    getattr(bench, args.what)(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
+    with _tracked(args):
+        getattr(bench, args.what)(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
+
+
+def _tracked(args):
+    """The context in which a command's scalars go to the `--log` sink (none: a no-op context)."""
+    from .tracking import tracking
+
+    return tracking(_sink(args))
 
 
 # -- parser --------------------------------------------------------------------------------------------
-def _common(p, preset_required=True, out_required=False, out=True):
-    p.add_argument("--preset", required=preset_required, help="preset name (see `mmdistill presets`)")
+def _config_options(p):
+    """--preset, --config and --set: the options that make a command's config (shared by every command)."""
+    p.add_argument("--preset", help="shipped preset name (see `mmdistill presets`)")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="your own preset: same keys as a shipped one, merged over --preset, then --set")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. distill.phases.0.pairs=25 (repeatable)")
+
+
+def _common(p, out_required=False, out=True):
+    _config_options(p)
     p.add_argument("--seed", type=int, help="global seed (config key `seed`)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     if out:
         p.add_argument("--out", required=out_required, help="output folder")
+        p.add_argument("--log", nargs="+", metavar=("SINK", "DIR"),
+                       help="also send scalars to `tensorboard DIR` or `wandb [DIR]` (offline without WANDB_API_KEY)")
+
+
+def _log_level_option(p, default):
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
+                   help="messages shown: debug, info (default, or $MMDISTILL_LOG_LEVEL), warning, error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdistill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mmdistill {__version__}",
+                        help="print the version and exit")
+    _log_level_option(parser, None)
+    # --set / --config before the command name are allowed too; they merge with the command's own
+    parser.add_argument("--set", dest="global_set", action="append", metavar="KEY=VALUE",
+                        help="override a config key for the command that follows (repeatable)")
+    parser.add_argument("--config", dest="global_config", metavar="FILE.yaml",
+                        help="your own preset file for the command that follows")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("presets", help="list the shipped presets")
-    p.set_defaults(func=cmd_presets)
+    def command(name, help, func):
+        p = sub.add_parser(name, help=help, description=help)
+        _log_level_option(p, argparse.SUPPRESS)  # given here it wins; absent, the global one stays
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("prepare", help="materialise a data source and its cached frozen features")
+    command("presets", "list the shipped presets", cmd_presets)
+
+    p = command("config", "print the resolved config (preset + --config file + --set) as YAML", cmd_config)
+    _common(p, out=False)
+
+    p = command("prepare", "materialise a data source and its cached frozen features", cmd_prepare)
     _common(p, out=False)  # everything prepare makes goes to the cache (config key `cache_dir`)
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("experts", help="train expert trajectories (torchrun shards them over ranks)")
+    p = command("experts", "train expert trajectories (torchrun shards them over ranks)", cmd_experts)
     experts_sub = p.add_subparsers(dest="experts_command", metavar="[import]")
-    _common(p, preset_required=False, out_required=False)
-    p.set_defaults(func=cmd_experts)
+    _common(p, out_required=False)
     q = experts_sub.add_parser("import", help="import published reference-format replay buffers")
     q.add_argument("--from", dest="source", required=True, help="folder with {img,txt}_replay_buffer_N.pt")
-    q.add_argument("--format", default="reference", choices=["reference"])
-    q.add_argument("--out", required=True)
+    q.add_argument("--format", default="reference", choices=["reference"], help="layout of the files (reference)")
+    q.add_argument("--out", required=True, help="folder for the imported experts")
     q.set_defaults(func=cmd_experts_import)
 
-    p = sub.add_parser("shortcut", help="export shortcut (interpolated) trajectories for a snapshot window")
-    p.add_argument("--experts", required=True)
-    p.add_argument("--start", type=int, required=True)
+    p = command("shortcut", "export shortcut (interpolated) trajectories for a snapshot window", cmd_shortcut)
+    p.add_argument("--experts", required=True, help="expert folder (from `mmdistill experts`)")
+    p.add_argument("--start", type=int, required=True, help="first snapshot of the window")
     p.add_argument("--end", type=int, required=True, help="last snapshot, inclusive")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", default="native", choices=["native", "reference"])
-    p.set_defaults(func=cmd_shortcut)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="native", choices=["native", "reference"],
+                   help="native (safetensors per expert) or reference (replay-buffer .pt files)")
 
-    p = sub.add_parser("distill", help="distil the phases of a preset from expert trajectories")
+    p = command("distill", "distil the phases of a preset from expert trajectories", cmd_distill)
     _common(p, out_required=True)
-    p.add_argument("--experts", required=True)
+    p.add_argument("--experts", required=True, help="expert folder (from `mmdistill experts`)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("evaluate", help="train fresh students on synthetic phases and report retrieval recall")
+    p = command("evaluate", "train fresh students on synthetic phases and report retrieval recall", cmd_evaluate)
     _common(p, out_required=True)
     p.add_argument("--synthetic", required=True,
                    help="distilled set: run or distillation folder, an export, or another code base's .pt (--format)")
     p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"],
                    help="layout of --synthetic: mmdistill's own (default) or the PTM-ST / LoRS reference .pt")
-    p.add_argument("--runs", type=int)
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--runs", type=int, help="students trained per phase set (config key evaluate.runs)")
 
-    p = sub.add_parser("export", help="export a distilled set as a Hugging Face imagefolder or datasets.Dataset")
+    p = command("export", "export a distilled set as a Hugging Face imagefolder or datasets.Dataset", cmd_export)
     p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder or export")
     p.add_argument("--to", required=True, choices=["folder", "hf"],
                    help="folder: imagefolder layout; hf: datasets.Dataset.save_to_disk (needs mmdistill[hf])")
     p.add_argument("out", metavar="OUT", help="new output folder")
     p.add_argument("--push", metavar="REPO_ID", help="then upload to the Hugging Face Hub as this dataset repo")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="one-screen summary of a distilled set")
+    p = command("inspect", "one-screen summary of a distilled set", cmd_inspect)
     p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder, export or .pt")
-    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"])
-    p.set_defaults(func=cmd_inspect)
+    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"],
+                   help="layout of RUN_OR_DIR: mmdistill's own (default) or the PTM-ST / LoRS reference .pt")
 
-    p = sub.add_parser("run", help="prepare -> experts -> distill -> evaluate -> report")
+    p = command("run", "prepare -> experts -> distill -> evaluate -> report", cmd_run)
     _common(p, out_required=True)
-    p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--resume", action="store_true", help="continue unfinished stages from their files")
 
-    p = sub.add_parser("demo", help="the embedded default end to end (shapes-100), with a summary table")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_demo)
+    p = command("demo", "the embedded default end to end (shapes-100), with a summary table", cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
-    p = sub.add_parser("ablate", help="the paper's Table 4 ablation grid")
+    p = command("ablate", "the paper's Table 4 ablation grid", cmd_ablate)
     _common(p, out_required=True)
-    p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("bench", help="benchmarks: storage | iteration | quality | robustness | metrics")
-    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"])
-    _common(p, preset_required=False)
+    p = command("bench", "benchmarks: storage | iteration | quality | robustness | metrics", cmd_bench)
+    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"],
+                   help="which benchmark")
+    _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _log_level(args) -> int:
+    """--log-level, else $MMDISTILL_LOG_LEVEL, else info."""
+    name = args.log_level or os.environ.get("MMDISTILL_LOG_LEVEL", "").strip().lower() or "info"
+    if name not in LOG_LEVELS:
+        raise UserError(f"bad value {name!r} for MMDISTILL_LOG_LEVEL: choose from {', '.join(LOG_LEVELS)}")
+    return getattr(logging, name.upper())
+
+
+class _TqdmHandler(logging.Handler):
+    """Messages to stdout through tqdm.write, so that an open progress bar is cleared first and redrawn after,
+    instead of the message continuing the bar's line. sys.stdout is looked up per message (it may be replaced)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # a logging handler must not raise (logging's own contract)
+            self.handleError(record)
+
+
+def setup_logging(level: int) -> None:
+    """mmdistill's messages at `level`; other libraries' only from warnings up (their info lines are noise)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mmdistill").setLevel(level)
+
+
+def _check_log_option(parser, args) -> None:
+    spec = getattr(args, "log", None)
+    if not spec:
+        return
+    if spec[0] not in LOG_SINKS:
+        parser.error(f"--log: unknown sink {spec[0]!r}; choose from {', '.join(LOG_SINKS)}")
+    if spec[0] == "tensorboard" and len(spec) != 2:
+        parser.error("--log tensorboard needs one DIR, e.g. --log tensorboard runs/tb")
+    if spec[0] == "wandb" and len(spec) > 2:
+        parser.error("--log wandb takes at most one DIR (where wandb keeps its files)")
 
 
 def _end_progress_bars() -> None:
@@ -223,12 +330,16 @@ def _end_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    if args.func is cmd_experts and not (args.preset and args.out):
-        parser.error("experts: --preset and --out are required")
-    if args.func is cmd_bench and args.what not in ("metrics", "robustness") and not args.preset:
-        parser.error(f"bench {args.what}: --preset is required")
+    if args.func is cmd_experts and not ((args.preset or args.config or args.global_config) and args.out):
+        parser.error("experts: --preset (or --config) and --out are required")
+    if args.func is cmd_bench and args.what not in ("metrics", "robustness") and not (
+            args.preset or args.config or args.global_config):
+        parser.error(f"bench {args.what}: --preset (or --config) is required")
+    _check_log_option(parser, args)
+    if (args.global_set or args.global_config) and not hasattr(args, "preset"):
+        parser.error(f"{args.command} takes no config: --set and --config apply to the commands that do")
     try:
+        setup_logging(_log_level(args))
         args.func(args)
     except UserError as err:
         _end_progress_bars()

@@ -1,8 +1,10 @@
 """Typed configuration: dataclass schema, YAML presets, dotted overrides, method resolution and validation.
 
 Load order (later wins): schema defaults -> preset YAML (after its `inherit` chain) -> the method's defining
-switches (`METHODS[distill.method]`) -> the user's `--set key=value` overrides. Unknown keys and bad values are
-rejected with a one-line `UserError` naming the key and its close matches, before any work starts.
+switches (`METHODS[distill.method]`) -> the user's config file (`--config`, the presets' schema, applied as the
+same `--set`s would be) -> the user's `--set key=value` overrides. Unknown keys and bad values are rejected with a one-line `UserError` naming the key
+(and the file) and its close matches, before any work starts. This module imports no torch (only `device`
+checks do), so such errors come back in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, List, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
@@ -24,15 +27,21 @@ AUTO = "auto"  # a setting measured from the data and the experts at run time
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | emoji | flickr30k | coco | cc3m | folder
+    source: str = "shapes"  # shapes | emoji | flickr30k | coco | cc3m | folder | hf
     root: Optional[str] = None  # annotation / dataset root for file-based sources
+    name: Optional[str] = None  # hf: a `datasets` hub id or a local dataset folder
+    image_column: str = "image"  # hf: the column holding the images
+    text_column: str = "text"  # hf: the column holding a caption or a list of captions
+    split_map: Dict[str, str] = field(default_factory=dict)  # hf: {train|validation|test: the dataset's split}
     image_root: Optional[str] = None  # image files root when it differs from root
     image_size: int = 32
     seed: int = 0  # procedural generation and deterministic splits
     max_words: int = 30
     train_images: int = 0  # procedural sources: split sizes (0 = the source's default)
-    val_images: int = 0
+    val_images: int = 0  # also the size of a validation split carved from train (folder, hf)
     test_images: int = 0
+    val_fraction: float = 0.1  # carved splits when val_images / test_images are 0: fractions of the images
+    test_fraction: float = 0.1
     captions_per_image: int = 5
 
 
@@ -46,8 +55,8 @@ class ConvNetConfig:
 
 @dataclass
 class ModelConfig:
-    image_encoder: str = "convnet"  # convnet | efficientnet_lite0 | timm:<name>
-    text_encoder: str = "minilm"  # minilm | hf:<name> | st:<name>
+    image_encoder: str = "convnet"  # convnet | efficientnet_lite0 | timm:<name> | open_clip:<model>[@<weights>]
+    text_encoder: str = "minilm"  # minilm | hf:<name> | st:<name> | open_clip:<model>[@<weights>]
     image_trainable: bool = True  # False: frozen image encoder + trained image projection
     pretrained: bool = True  # pretrained image-encoder weights (convnet is always from scratch)
     embed_dim: int = 0  # joint embedding size in frozen-image mode (0 = image feature size)
@@ -175,7 +184,7 @@ for _name in ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st
 ABLATION = ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema")
 
 CHOICES = {
-    "data.source": ("shapes", "emoji", "flickr30k", "coco", "cc3m", "folder"),
+    "data.source": ("shapes", "emoji", "flickr30k", "coco", "cc3m", "folder", "hf"),
     "model.convnet.norm": ("instancenorm", "batchnorm", "layernorm", "none"),
     "model.convnet.pooling": ("avgpooling", "maxpooling", "none"),
     "experts.augment": ("clip", "crop", "none"),
@@ -261,7 +270,9 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
                 raise _key_error(cfg, key, "list index out of range in")
             node[index] = value
         else:
-            if last not in node:
+            if _is_open_mapping(node):
+                value = value if value is None or isinstance(value, str) else str(value)  # split names are text
+            elif last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
             if isinstance(target, FloatNode) or (key in AUTO_FLOATS and value != AUTO):
@@ -274,6 +285,11 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
         raise UserError(f"bad value {value!r} for {key!r}: {first}") from None
     except (KeyError, IndexError, ValueError, AttributeError, OmegaConfBaseException):
         raise _key_error(cfg, key, "unknown config key") from None
+
+
+def _is_open_mapping(node) -> bool:
+    """A Dict[str, ...] field (data.split_map), whose keys are the user's to choose, unlike a section's."""
+    return isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
 
 
 def _number(value: Any, key: str) -> Any:
@@ -293,7 +309,8 @@ def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
     """Merge a preset dict key by key so that unknown keys are reported with their dotted name."""
     for k, v in raw.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig):
+        if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig) and not _is_open_mapping(
+                OmegaConf.select(cfg, key)):
             _merge_preset(cfg, v, f"{key}.")
             continue
         if isinstance(v, list) and key == "distill.phases":
@@ -323,24 +340,82 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Build the validated config for a preset plus `key=value` overrides."""
+def read_config_file(path: str | Path) -> dict:
+    """A user's config file: a YAML mapping with the presets' schema (it may `inherit` a shipped preset)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file is a folder: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def _flatten(cfg: DictConfig, raw: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping as (dotted key, value) pairs in file order; lists and open mappings stay whole."""
+    pairs = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        node = OmegaConf.select(cfg, key, default=None) if "." not in str(k) else None
+        if isinstance(v, dict) and isinstance(node, DictConfig) and not _is_open_mapping(node):
+            pairs += _flatten(cfg, v, f"{key}.")
+        else:
+            pairs.append((key, v))
+    return pairs
+
+
+def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
+                config_file: str | Path | None = None) -> DictConfig:
+    """Build the validated config for a preset, a user config file merged over it, and `key=value` overrides.
+
+    The file may name its base preset with `inherit`; without `--preset` that base is used (none: the schema
+    defaults). The config's name is the preset's, else the file's `name`, else its stem.
+    """
+    user = read_config_file(config_file) if config_file is not None else {}
+    base = preset
+    if user.get("inherit") is not None:
+        if preset and user["inherit"] != preset:
+            raise UserError(f"{config_file}: inherits {user['inherit']!r}, but --preset is {preset!r}; give one")
+        base = user["inherit"]
+    if base is None and config_file is None:
+        raise UserError("no configuration: give --preset NAME (see `mmdistill presets`) or --config FILE")
     cfg = OmegaConf.structured(Config)
-    for raw in _preset_chain(preset):
+    for raw in _preset_chain(base) if base else []:
         _merge_preset(cfg, raw)
-    cfg.name = preset
-    parsed = [parse_override(o) for o in overrides]
-    method = next((v for k, v in reversed(parsed) if k == "distill.method"), cfg.distill.method)
+    cfg.name = preset or (user.get("name") if isinstance(user.get("name"), str) else None) or Path(config_file).stem
+    # The file's keys are applied exactly as the same `--set`s before the command line's, so that a file and
+    # the equivalent --set flags give the same config (method switches included).
+    given = [(key, value, config_file) for key, value in _flatten(cfg, user) if key not in ("inherit", "name")]
+    given += [(*parse_override(o), None) for o in overrides]
+    method = next((v for k, v, _ in reversed(given) if k == "distill.method"), cfg.distill.method)
     if method not in METHODS:
         raise _choice_error("distill.method", method)
     cfg.distill.method = method
     apply_method(cfg, method)
-    for key, value in parsed:
-        if key == "distill.phases" and isinstance(value, list):
-            _merge_preset(cfg, {"distill": {"phases": value}})
-        else:
-            _set(cfg, key, value)
-    validate(cfg)
+    for key, value, origin in given:
+        try:
+            if key == "distill.phases" and isinstance(value, list):
+                _merge_preset(cfg, {"distill": {"phases": value}})
+            else:
+                _set(cfg, key, value)
+        except UserError as err:
+            raise UserError(f"{origin}: {err}" if origin else str(err)) from None
+    try:
+        validate(cfg)
+    except UserError as err:
+        # a bad value may come from the file; say which file was read, as the key alone may not tell
+        raise UserError(f"{err} (config file {config_file})" if config_file is not None else str(err)) from None
     _check_device(cfg.device)
     return cfg
 
@@ -440,6 +515,15 @@ def validate(cfg: DictConfig) -> None:
         if lo_hi[1] - 1 + _least_expert_epochs(cfg) > end:
             raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
                             f" within snapshot {end}")
+    for name in cfg.data.split_map:
+        if name not in ("train", "validation", "test"):
+            raise UserError(f"unknown config key 'data.split_map.{name}': map train, validation or test to the"
+                            " dataset's split names")
+    for key in ("data.val_fraction", "data.test_fraction"):
+        if not 0.0 < OmegaConf.select(cfg, key) < 1.0:
+            raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be in (0, 1)")
+    if cfg.data.source == "hf" and not cfg.data.name:
+        raise UserError("data source 'hf' needs data.name (a `datasets` hub id or a local dataset folder)")
     if cfg.distill.space == "feature" and cfg.model.image_trainable:
         raise UserError("bad value 'feature' for 'distill.space': feature space needs model.image_trainable=false")
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):

@@ -45,6 +45,7 @@ from .model import build_bench_model, build_model
 from .similarity import init_similarity
 from .synthetic import load_phase, phase_metadata, write_captions, write_meta, write_phase
 from .trajectory import matching_pair
+from .tracking import log_scalars
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class Distiller:
             if main:
                 append_jsonl(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
                                                      "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                log_scalars(f"distill/{dc.method}/phase-{p}", {"loss": loss, "lr_img": lr_img, "lr_txt": lr_txt}, k)
                 if newly_collapsed:
                     bar.write(f"phase {p}: COLLAPSED at iteration {k}: {watch.collapse['reason']}")
                     append_jsonl(out / "history.jsonl", {"phase": p, "event": "collapse", **watch.collapse})

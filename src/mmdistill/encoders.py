@@ -5,16 +5,26 @@ module's own `mean`/`std`, to features [B, out_dim]. Text encoders (`build_text_
 produce features; the student never trains them.
 
 Names are looked up in `IMAGE_ENCODERS` / `TEXT_ENCODERS`: either an exact name (`convnet`, `minilm`) or a
-prefix ending in ':' whose remainder is passed on (`timm:resnet18`, `hf:bert-base-uncased`, `st:<path>`).
+prefix ending in ':' whose remainder is passed on (`timm:resnet18`, `hf:bert-base-uncased`, `st:<path>`,
+`open_clip:ViT-B-32@laion2b_s34b_b79k`).
+
+`hf:` text encoders pool as their model was trained (`hf_pooling`): the projected pooled output for CLIP text
+towers; a sentence-transformers model's own pooling (mean for nearly all of them) and normalisation; the first
+(CLS) token for encoders pretrained with a pooler over it (BERT, RoBERTa, ...); mean pooling otherwise.
+`open_clip:MODEL[@WEIGHTS]` builds an open_clip model (a name from `open_clip.list_models()` or `hf-hub:org/repo`);
+WEIGHTS is a pretrained tag or a local checkpoint file, and without it the model is randomly initialised.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
+import json
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
@@ -132,10 +142,58 @@ def _build_timm(model_name: str, *, image_size: int, pretrained: bool, **convnet
     return model
 
 
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise UserError("open_clip encoders need open-clip-torch: pip install 'mmdistill[open_clip]'") from None
+    return open_clip
+
+
+def _open_clip_model(spec: str, *, weights: bool = True, image_size: int | None = None) -> tuple[nn.Module, str]:
+    """The open_clip model of `MODEL[@WEIGHTS]` (random init without WEIGHTS, or with weights=False)."""
+    open_clip = _import_open_clip()
+    model_name, _, tag = spec.partition("@")
+    if not model_name.startswith("hf-hub:") and model_name not in open_clip.list_models():
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else "; see open_clip.list_models()"
+        raise UserError(f"unknown open_clip model {model_name!r}{hint}")
+    kwargs = {"force_image_size": image_size} if image_size else {}  # pretrained position embeddings are resized
+    try:
+        model = open_clip.create_model(model_name, pretrained=(tag or None) if weights else None, **kwargs)
+    except RuntimeError as err:  # an unknown pretrained tag, or a checkpoint that does not fit the model
+        raise UserError(f"open_clip:{spec}: {str(err).strip().splitlines()[0]}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load open_clip:{spec} ({type(err).__name__}: no such weights, or no network?);"
+                        " give a local checkpoint file as open_clip:MODEL@/path/to/weights") from None
+    return model.eval(), model_name
+
+
+class OpenClipImage(nn.Module):
+    """The image tower of an open_clip model: pixels -> its projected image embedding."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.out_dim = visual.output_dim
+        preprocess = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(preprocess.get("mean", CLIP_MEAN))
+        self.std = tuple(preprocess.get("std", CLIP_STD))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+
+def _build_open_clip_image(spec: str, *, image_size: int, pretrained: bool, **convnet_kwargs) -> nn.Module:
+    model, _ = _open_clip_model(spec, weights=pretrained, image_size=image_size)
+    return OpenClipImage(model.visual)
+
+
 IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "convnet": _build_convnet,
     "efficientnet_lite0": _build_efficientnet_lite0,
     "timm:": _build_timm,
+    "open_clip:": _build_open_clip_image,
 }
 
 
@@ -195,20 +253,51 @@ class SentenceTransformerEncoder(TextEncoder):
         return self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
 
 
-class HFClsEncoder(TextEncoder):
-    """A transformers encoder read at the CLS token, as the reference does with BERT (spec 1)."""
+class HFEncoder(TextEncoder):
+    """A transformers text model read out with `pooling` (see `hf_pooling`), then L2-normalised if `normalize`."""
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: torch.device, pooling: str, dim: int,
+                 normalize: bool = False):
+        super().__init__(name, model, dim, device)
+        self.tokenizer, self.pooling, self.normalize = tokenizer, pooling, normalize
+        limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 512]
+        self.max_length = min(limits)
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        if self.pooling == "projected":
+            features = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+        else:
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            if self.pooling == "cls":
+                features = hidden[:, 0]
+            elif self.pooling == "max":
+                features = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+            else:
+                features = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return F.normalize(features, dim=-1) if self.normalize else features
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """The text tower of an open_clip model: its projected text embedding."""
 
     def __init__(self, name: str, model: nn.Module, tokenizer, device: torch.device):
-        super().__init__(name, model, model.config.hidden_size, device)
+        with torch.no_grad():
+            dim = model.encode_text(tokenizer(["a"])).shape[-1]
+        super().__init__(name, model, dim, device)
         self.tokenizer = tokenizer
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=512, return_tensors="pt")
-        return self.model(**batch.to(self.device)).last_hidden_state[:, 0]
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
 def _sentence_transformer(name: str, model_id: str, device: torch.device, **kwargs) -> TextEncoder:
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would be one more line per load
 
     try:
         model = SentenceTransformer(model_id, device=str(device), **kwargs)
@@ -230,22 +319,73 @@ def _build_st(model_id: str, device: torch.device) -> TextEncoder:
     return _sentence_transformer(f"st:{model_id}", model_id, device)
 
 
-def _build_hf(model_id: str, device: torch.device) -> TextEncoder:
-    from transformers import AutoModel, AutoTokenizer
+CLIP_TEXT_TYPES = ("clip", "clip_text_model")
+ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_max_tokens": "max"}
 
+
+def _repo_json(model_id: str, file_name: str) -> dict | None:
+    """A JSON file of a local model folder or a hub repo (cached or downloadable); None where there is none."""
+    from transformers.utils import cached_file
+
+    path = cached_file(model_id, file_name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def hf_pooling(model_id: str, config, model: nn.Module) -> tuple[str, bool]:
+    """(pooling, normalize) as the model was trained: "projected" for CLIP text towers; a sentence-transformers
+    model's declared pooling and Normalize module; "cls" for a model with a pretrained pooler over the first
+    token (BERT-style); "mean" otherwise."""
+    if config.model_type in CLIP_TEXT_TYPES:
+        return "projected", False
+    modules = _repo_json(model_id, "modules.json")
+    if modules:
+        pooling_module = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+        normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        pooling_cfg = _repo_json(model_id, f"{pooling_module['path']}/config.json") if pooling_module else None
+        modes = [mode for key, mode in ST_POOLING_MODES.items() if (pooling_cfg or {}).get(key)]
+        if pooling_cfg is not None and len(modes) != 1:
+            raise UserError(f"hf:{model_id} pools as {sorted(k for k, v in pooling_cfg.items() if v is True)}, which"
+                            f" hf: does not reproduce; use st:{model_id}")
+        if modes:
+            return modes[0], normalize
+    return ("cls" if getattr(model, "pooler", None) is not None else "mean"), False
+
+
+def _build_hf(model_id: str, device: torch.device) -> TextEncoder:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would be one more line per load
     try:
+        config = AutoConfig.from_pretrained(model_id)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModel.from_pretrained(model_id)
+        if config.model_type in CLIP_TEXT_TYPES:
+            model = CLIPTextModelWithProjection.from_pretrained(model_id)
+        else:
+            model = AutoModel.from_pretrained(model_id)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load text encoder hf:{model_id} ({type(err).__name__}: no such model, "
                         "or no network?)") from None
-    return HFClsEncoder(f"hf:{model_id}", model, tokenizer, device)
+    pooling, normalize = hf_pooling(model_id, config, model)
+    dim = model.config.projection_dim if pooling == "projected" else model.config.hidden_size
+    return HFEncoder(f"hf:{model_id}", model, tokenizer, device, pooling, dim, normalize)
+
+
+def _build_open_clip_text(spec: str, device: torch.device) -> TextEncoder:
+    model, model_name = _open_clip_model(spec)
+    return OpenClipTextEncoder(f"open_clip:{spec}", model, _import_open_clip().get_tokenizer(model_name), device)
 
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {
     "minilm": _build_minilm,
     "hf:": _build_hf,
     "st:": _build_st,
+    "open_clip:": _build_open_clip_text,
 }
 
 

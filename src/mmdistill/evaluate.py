@@ -32,6 +32,7 @@ from .metrics import retrieval_metrics
 from .model import GROUPS, DualEncoder, build_model
 from .prepare import Prepared, prepare
 from .similarity import similarity_block
+from .tracking import log_table
 from .utils import derive_seed, generator, resolve_device
 
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
@@ -446,5 +447,6 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
         results["methods"][method] = {**entry, "collapsed_phases": collapsed_phases(phases)}
         results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
         write_json(results, path)
+    log_table(results["methods"])
     print(format_table(results["methods"]))
     return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -26,7 +27,6 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .config import to_dict
@@ -34,7 +34,10 @@ from .errors import UserError
 from .io import append_jsonl, folder_lock, load_torch, save_tensors, save_torch, write_json, write_text
 from .losses import LOSSES
 from .model import GROUPS, ParamLayout, build_bench_model, build_model
+from .tracking import log_scalars
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXPERT_FILE = re.compile(r"expert-(\d+)\.safetensors")
@@ -304,10 +307,11 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
                       **retrieval_recall(model, cfg, bundle, "validation", device)}
             history.append(record)
             append_jsonl(log, {"expert": index, "split": "validation", **record})
+            log_scalars(f"experts/expert-{index}", {"loss": loss, "val_r_mean": record["r_mean"]}, epoch)
     test = retrieval_recall(model, cfg, bundle, "test", device)
     append_jsonl(log, {"expert": index, "split": "test", "epoch": ec.epochs, **test})
-    tqdm.write(f"expert {index}: val r_mean {history[-1]['r_mean']:.2f}, test r_mean {test['r_mean']:.2f},"
-               f" {statistics.fmean(r['seconds'] for r in history[1:]):.2f} s/epoch")
+    logger.info("expert %d: val r_mean %.2f, test r_mean %.2f, %.2f s/epoch", index, history[-1]["r_mean"],
+                test["r_mean"], statistics.fmean(r["seconds"] for r in history[1:]))
     write_expert(
         expert_path(out_dir, index),
         {g: torch.stack([s[g] for s in snapshots]) for g in GROUPS},
@@ -372,7 +376,7 @@ def train_experts(cfg, out_dir: Path) -> None:
         todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), fingerprint)]
         mine = distributed.shard(todo)
         if world > 1:
-            print(f"rank {rank}/{world} trains experts {mine}")
+            logger.info("rank %d/%d trains experts %s", rank, world, mine)
         if todo:  # the same on every rank, so all of them pass the same barriers
             with distributed.main_first():  # rank 0 builds the feature cache
                 bundle = prepare(cfg, verbose=distributed.is_main())
@@ -381,8 +385,8 @@ def train_experts(cfg, out_dir: Path) -> None:
         distributed.barrier()
         if distributed.is_main():
             summary = summarize(out_dir, cfg.experts.count)
-            print(f"{cfg.experts.count} experts in {out_dir}: test r_mean {summary['test']['r_mean']:.2f}"
-                  f" (std {summary['test_std']['r_mean']:.2f}), {summary['seconds_per_epoch']:.2f} s/epoch")
+            logger.info("%d experts in %s: test r_mean %.2f (std %.2f), %.2f s/epoch", cfg.experts.count, out_dir,
+                        summary["test"]["r_mean"], summary["test_std"]["r_mean"], summary["seconds_per_epoch"])
 
 
 # ----------------------------------------------------------------------------------- the reference layout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from .errors import UserError
 from .io import folder_lock, write_json
 from .utils import digest
 from .report import STAGES, write_report, write_table_report
+from .tracking import log_scalars, log_table
+
+logger = logging.getLogger(__name__)
 
 QUALITY = ("mtt-vl", "lors", "ptm-st", "ptm-st+blend", *CORESETS, "full")
 CURVE_POINTS = 4  # intermediate snapshots per phase evaluated for the recall curve (1 run each)
@@ -91,7 +95,7 @@ class Ledger:
         group = key.split()[0]
         self.seconds[group] = self.seconds.get(group, 0.0) + seconds
         self.reused[group] = self.reused.get(group, True) and reused
-        print(f"{key:<28} {seconds:8.1f} s  {'reused' if reused else 'done'}", flush=True)
+        logger.info("%-28s %8.1f s  %s", key, seconds, "reused" if reused else "done")
         return self.records[key]
 
     def timing(self) -> dict:
@@ -175,6 +179,7 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
         for iteration, path in snapshots:
             entry = evaluate_phases(cfg, bundle, phases[:phase] + [load_phase(path)], runs=1, seed=cfg.seed)
             curve.append({"phase": phase, "iteration": iteration, "r_mean": entry["r_mean"]})
+            log_scalars(f"recall/{cfg.distill.method}/phase-{phase}", {"r_mean": entry["r_mean"]}, iteration)
     write_json(curve, target / "recall_curve.json")
 
 
@@ -185,7 +190,7 @@ def _open(cfg, out: Path, resume: bool = False) -> Study:
 
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out, resume)
-    bundle = functools.cache(functools.partial(prepare, cfg))
+    bundle = functools.cache(functools.partial(prepare, cfg, verbose=True))
     prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
     # the coreset baselines and the methods without phases take the whole budget at once: checked before the experts
     check_pairs(cfg, bundle().splits["train"], whole_budget=True)
@@ -207,6 +212,7 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
                        owns=outputs, needs=outputs)
     results["timing"] = study.ledger.timing()
     write_json(results, out / "results.json")
+    log_table(results["methods"])
     print(format_table(results["methods"]))
     print(f"results: {out / 'results.json'}; report: {outputs[0]}")
     return results

@@ -7,6 +7,7 @@ Everything heavy is cached on disk by `features.py`, so a second call is cheap.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from .io import write_json
 from .utils import digest, resolve_device
 
 SPLITS = ("train", "validation", "test")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,16 +138,31 @@ def prepare(cfg, verbose: bool = False) -> Prepared:
             bundle.pixels[name] = pixel_tensor(split, cfg.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     bundle.seconds = time.perf_counter() - start
     if verbose:
-        print(f"prepared {cfg.data.source} in {bundle.seconds:.1f} s")
+        _report_splits(cfg, bundle)
     return bundle
+
+
+_reported: set[tuple] = set()  # splits already described by this process (run calls prepare once per stage)
+
+
+def _report_splits(cfg, bundle: Prepared) -> None:
+    """One line: the split sizes and where each split came from (a file, or carved from train by a seed)."""
+    key = tuple(bundle.splits[name].fingerprint() for name in SPLITS)
+    if key in _reported:
+        return
+    _reported.add(key)
+    parts = [f"{name} {len(s)} images / {len(s.captions)} captions" + (f" ({s.origin})" if s.origin else "")
+             for name, s in ((name, bundle.splits[name]) for name in SPLITS)]
+    logger.info("prepared %s in %.1f s: %s", cfg.data.source, bundle.seconds, "; ".join(parts))
 
 
 def print_summary(bundle: Prepared) -> None:
     """Dataset statistics: images and captions per split, feature shapes."""
-    print(f"{'split':<11} {'images':>7} {'captions':>9}  text features   image inputs")
+    print(f"{'split':<11} {'images':>7} {'captions':>9}  {'text features':<14} {'image inputs':<17} from")
     for name in SPLITS:
         split = bundle.splits[name]
         image = bundle.features.get(name, bundle.pixels.get(name))
         image_shape = "loaded from files" if image is None else "x".join(map(str, image.shape))
         text_shape = "x".join(map(str, bundle.texts[name].shape))
-        print(f"{name:<11} {len(split):>7} {len(split.captions):>9}  {text_shape:<14} {image_shape}")
+        print(f"{name:<11} {len(split):>7} {len(split.captions):>9}  {text_shape:<14} {image_shape:<17} "
+              f"{split.origin or '-'}")

@@ -43,7 +43,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class _Bar(tqdm):
+    """tqdm whose `set_postfix` redraws only when `mininterval` has passed, like `update`: plain tqdm redraws on
+    every call, which in a log file is one line per batch."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        if self.disable:  # a disabled bar (another torchrun rank's) has no clock
+            return
+        due = self._time() - self.last_print_t >= self.mininterval
+        super().set_postfix(ordered_dict, refresh=refresh and due, **kwargs)
+
+
 def progress_bar(**kwargs) -> tqdm:
-    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal, so logs stay readable."""
+    """A tqdm bar that redraws at most every 30 s when stderr (where bars go) is not a terminal, so a log
+    file gets a bar's first and last line and a few in between, never one per batch."""
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
-    return tqdm(**kwargs)
+    return _Bar(**kwargs)

@@ -33,6 +33,7 @@ class Split:
     txt2img: list[int]
     img2txt: list[list[int]]
     images: torch.Tensor | list[str]
+    origin: str = ""  # where the split came from, for people: a file, or "carved from train (...)"
 
     def __len__(self) -> int:
         return len(self.img2txt)
@@ -206,6 +207,46 @@ def split_from_entries(name: str, path: str, entries: list, image_root: str, max
     return split_from_pairs(name, pairs, max_words)
 
 
+def subset(split: Split, image_ids, name: str, origin: str) -> Split:
+    """The images `image_ids` of a split (in that order) with all their captions, renumbered."""
+    captions, txt2img, img2txt = [], [], []
+    for new_id, old_id in enumerate(int(i) for i in image_ids):
+        img2txt.append(list(range(len(captions), len(captions) + len(split.img2txt[old_id]))))
+        for caption_id in split.img2txt[old_id]:
+            captions.append(split.captions[caption_id])
+            txt2img.append(new_id)
+    ids = [int(i) for i in image_ids]
+    images = split.images[torch.tensor(ids, dtype=torch.long)] if isinstance(split.images, torch.Tensor) \
+        else [split.images[i] for i in ids]
+    return Split(name, captions, txt2img, img2txt, images, origin)
+
+
+def carve_missing(splits: dict[str, Split], data_cfg, what: str) -> dict[str, Split]:
+    """Fill in validation / test when a source has only some splits: whole images (with all their captions) are
+    carved out of train by a permutation seeded by data.seed. Sizes: data.val_images / data.test_images, or
+    where 0, data.val_fraction / data.test_fraction of train's images (at least 1)."""
+    missing = [name for name in SPLIT_NAMES if name not in splits]
+    if not missing:
+        return splits
+    train = splits["train"]
+    sizes = {}
+    for name in missing:
+        fraction = cfg_value(data_cfg, "val_fraction" if name == "validation" else "test_fraction", 0.1)
+        sizes[name] = requested_size(data_cfg, name) or max(1, round(fraction * len(train)))
+    sizes["train"] = len(train) - sum(sizes.values())
+    if sizes["train"] < 1:
+        wanted = ", ".join(f"{size} {name}" for name, size in sizes.items() if name != "train")
+        raise UserError(f"{what}: its {len(train)} training images cannot give {wanted} images and keep some for"
+                        " training; lower data.val_images / data.test_images (or the fractions)")
+    seed = int(cfg_value(data_cfg, "seed", 0))
+    parts = seeded_partition(len(train), sizes, seed, "carve", what)
+    result = {"train": subset(train, parts["train"], "train", f"{train.origin}, less the carved images".lstrip(", "))}
+    for name in SPLIT_NAMES[1:]:
+        result[name] = splits[name] if name in splits else subset(
+            train, parts[name], name, f"carved from train: {sizes[name]} of {len(train)} images, seed {seed}")
+    return result
+
+
 def in_memory_split(name: str, captions_per_image: list[list[str]], images: torch.Tensor, max_words: int) -> Split:
     """Split of a source that holds its pixels (uint8 [N,3,H,W]); image i has captions_per_image[i]."""
     pairs = ((i, caption) for i, captions in enumerate(captions_per_image) for caption in captions)
@@ -215,7 +256,7 @@ def in_memory_split(name: str, captions_per_image: list[list[str]], images: torc
 
 
 # The sources use the helpers above, so they are imported after them.
-from mmdistill.data import cc3m, emoji, folder, karpathy, shapes  # noqa: E402
+from mmdistill.data import cc3m, emoji, folder, hf, karpathy, shapes  # noqa: E402
 
 SOURCES = {
     "shapes": shapes.build,
@@ -224,6 +265,7 @@ SOURCES = {
     "coco": karpathy.build_coco,
     "cc3m": cc3m.build,
     "folder": folder.build,
+    "hf": hf.build,
 }
 
 # Whether a horizontal flip keeps captions true: shapes and emoji captions (and names) say left/right.
@@ -234,4 +276,5 @@ SOURCE_FLIP_SAFE = {
     "coco": karpathy.FLIP_SAFE,
     "cc3m": cc3m.FLIP_SAFE,
     "folder": folder.FLIP_SAFE,
+    "hf": hf.FLIP_SAFE,
 }
