@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmdistill.calibrate import LR_GRID, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate, expert_epochs_for
+from mmdistill.calibrate import LR_GRID, _best_lr, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate, expert_epochs_for
 from mmdistill.collapse import CollapseWatch, window_for
 from mmdistill.config import load_config, with_method
 from mmdistill.distill import Distiller, plan_phases, resolve_expert_epochs
@@ -150,3 +150,14 @@ def test_auto_expert_epochs_hold_as_many_expert_steps_as_synthetic_steps(caption
         assert "room" in reason  # phase 0 (start < 2, end 5) for 4
     fixed, why = expert_epochs_for(load_config("shapes-100", ["distill.expert_epochs=3"]), plan_phases(cfg), 40)
     assert fixed == 3 and why == "set in the config"
+
+
+def test_a_scan_where_no_lr_beats_standing_still_starts_at_the_edge_of_the_cliff():
+    """The recorded phase-1 scan of shapes with 3,000 images: the minimum is the smallest lr (2.000), where the
+    phase would never start (it was flagged as collapsed); the largest lr within 1 % of 2.000 is taken instead."""
+    scan = [(1e-6, 2.0000), (1e-4, 2.0002), (1e-3, 2.0034), (5.6e-3, 2.0144), (1e-2, 2.0132), (1.8e-2, 2.0046),
+            (3.2e-2, 2.0037), (5.6e-2, 2.0960), (0.1, 2.5439)]
+    lr, why = _best_lr(scan, 2.0)
+    assert lr == 3.2e-2 and "no lr" in why
+    healthy = [(1e-3, 1.9865), (1e-2, 1.8737), (1.8e-2, 1.8635), (3.2e-2, 2.6456)]
+    assert _best_lr(healthy, 2.0)[0] == 1.8e-2  # an lr that beats standing still: the plain minimum
