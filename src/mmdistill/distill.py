@@ -101,6 +101,8 @@ class SyntheticSet:
         self.lr_moments = {key: torch.zeros(2, *self.syn[key].shape) for key in LR_KEYS.values()}
         self.lr_steps = 0
         self.iteration, self.lr_factor, self.recoveries = 0, 1.0, []
+        self.calibration = None  # the phase's Calibration (its file records how its lrs were chosen)
+        self.collapse: dict | None = None  # the CollapseWatch's finding, once the phase has run
         self.good = self.snapshot()
 
     def snapshot(self) -> dict:
@@ -331,7 +333,7 @@ class Distiller:
         metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
                     "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
-                    "calibration": state.calibration.to_json(), "collapse": getattr(state, "collapse", None)}
+                    "calibration": state.calibration.to_json(), "collapse": state.collapse}
         write_phase(path, state.ema, metadata)
 
 
