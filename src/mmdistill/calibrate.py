@@ -40,7 +40,8 @@ LR_GRID = tuple(10 ** (e / 4) for e in range(-24, 1))  # 1e-6 .. 1, four points 
 LR_MARGIN = 0.5  # lr_init = LR_MARGIN x the grid's best lr
 # Fraction of a variable's norm moved by the first SGD step. The hand settings under which shapes-100 distilled
 # well before calibration existed moved images and texts by 4-14 % per step and S by 0.2-0.7 %; with these
-# measured instead, shapes-100 reached r_mean 33.1 at 5 %, 35.9 at 10 % and 35.8 at 20 % (S at a tenth of it).
+# measured instead, shapes-100 reached r_mean 33.1 at 5 %, 35.9 at 10 % and 35.8 at 20 % (S at a tenth of it;
+# learned lrs at lr_lr 0.01 in those runs).
 # The set that collapsed under the hand settings was being moved by 115-230 % per step.
 RELATIVE_STEP = {"images": 0.1, "texts": 0.1, "sim": 0.01}
 DATA_KEYS = {"images": "lr_images", "texts": "lr_texts", "sim": "lr_sim"}
