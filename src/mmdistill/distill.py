@@ -268,17 +268,16 @@ class Distiller:
             saved = _load_checkpoint(checkpoint, state, self.fingerprint)
             if saved is not None:  # None: another config's checkpoint, start over
                 state.load_checkpoint(saved)
-        if main:
+        watch = CollapseWatch(no_move_loss(dc), calibration.lr_init, phase.iterations)
+        if main:  # the rank that writes the history and the phase file keeps the watch
             checkpoint.parent.mkdir(exist_ok=True)
-            _trim_history(out / "history.jsonl", p, state.iteration)
+            for record in _trim_history(out / "history.jsonl", p, state.iteration):
+                watch.update(record["loss"], (record["lr_img"], record["lr_txt"]), record["iteration"])
             for key, reason in calibration.reasons.items():
                 logger.info("phase %d: %s = %.4g (%s)", p, key, getattr(calibration, key), reason)
             if state.iteration == 0:
                 append_jsonl(out / "history.jsonl", {"phase": p, "iteration": 0, "event": "calibration",
                                                      **calibration.to_json()})
-        watch = CollapseWatch(no_move_loss(dc), calibration.lr_init, phase.iterations)
-        for record in _phase_history(out / "history.jsonl", p) if resume else []:
-            watch.update(record["loss"], (record["lr_img"], record["lr_txt"]), record["iteration"])
         bar = progress_bar(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
         while state.iteration < phase.iterations:
             k, started = state.iteration, time.perf_counter()
@@ -464,22 +463,16 @@ def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
             for s, i in zip(best.tolist(), index.tolist())]
 
 
-def _phase_history(path: Path, p: int) -> list[dict]:
-    """Phase p's iteration records in history.jsonl (events excluded)."""
+def _trim_history(path: Path, p: int, iteration: int) -> list[dict]:
+    """Drop history lines from phase p's iteration `iteration` on (a resumed run writes them again); return
+    phase p's iteration records that stay (events excluded), for the collapse watch to replay."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r for r in records if r["phase"] == p and "loss" in r]
-
-
-def _trim_history(path: Path, p: int, iteration: int) -> None:
-    """Drop history lines from phase p's iteration `iteration` on: a resumed run writes them again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
+    keep = [(line, r) for line in path.read_text().splitlines()
             if (r := json.loads(line))["phase"] < p or (r["phase"] == p and r["iteration"] < iteration)]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(line + "\n" for line, _ in keep))
+    return [r for _, r in keep if r["phase"] == p and "loss" in r]
 
 
 def _git_commit() -> str | None:

@@ -418,9 +418,12 @@ def failure_notes(methods: dict) -> list[str]:
     return notes
 
 
-def collapsed_phases(phases: list[dict]) -> list[dict]:
-    """The collapse records of a distilled set's phases (empty when every phase learned)."""
-    return [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases) if phase.get("collapse")]
+def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
+    """A distilled set's results entry: evaluate_phases with the config's runs and seed, plus the collapse
+    records of its phases (`collapsed_phases`, empty when every phase learned), which the tables mark FAILED."""
+    entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+    return {**entry, "collapsed_phases": [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases)
+                                          if phase.get("collapse")]}
 
 
 def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
@@ -443,8 +446,7 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
                                 " --out")
             results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
         start = time.perf_counter()
-        entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
-        results["methods"][method] = {**entry, "collapsed_phases": collapsed_phases(phases)}
+        results["methods"][method] = evaluate_distilled(cfg, bundle, phases)
         results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
         write_json(results, path)
     log_table(results["methods"])

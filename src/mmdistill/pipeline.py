@@ -130,7 +130,7 @@ class Study:
         Returns the evaluation stage's record ("result": the results.json entry, "version")."""
         from .distill import distill, plan_phases
         from .synthetic import load_synthetic
-        from .evaluate import collapsed_phases, evaluate_coreset, evaluate_phases, full_data_metrics
+        from .evaluate import evaluate_coreset, evaluate_distilled, full_data_metrics
 
         cfg, experts_dir = self.cfg, self.out / "experts"
         upstream = self.experts
@@ -149,8 +149,7 @@ class Study:
                 return evaluate_coreset(cfg, self.bundle(), name, experts_dir, cfg.seed)
             phases = load_synthetic(target)
             _recall_curve(cfg, self.bundle(), target, phases)
-            entry = evaluate_phases(cfg, self.bundle(), phases, runs=cfg.evaluate.runs, seed=cfg.seed)
-            return {**entry, "collapsed_phases": collapsed_phases(phases)}
+            return evaluate_distilled(cfg, self.bundle(), phases)
 
         return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream],
                                  evaluate)
