@@ -38,29 +38,30 @@ def test_a_second_holder_is_refused_while_the_first_lives(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
-def test_a_dead_holders_lock_is_taken_over_with_a_message(tmp_path, capsys):
+def test_a_dead_holders_lock_is_taken_over_with_a_message(tmp_path, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_FILE).write_text(dead.stdout)  # what a holder killed with -9 leaves
     with folder_lock(tmp_path):
         pass
-    assert capsys.readouterr().err == (f"mmdistill: taking over {tmp_path / LOCK_FILE} from pid {dead.stdout.strip()},"
-                                       " which ended without releasing it\n")
+    assert caplog.messages == [f"taking over {tmp_path / LOCK_FILE} from pid {dead.stdout.strip()},"
+                               " which ended without releasing it"]
+    caplog.clear()
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released normally: nothing to take over next time
     with folder_lock(tmp_path):
         with folder_lock(tmp_path):  # a folder this process holds is not locked twice
             pass
-    assert capsys.readouterr().err == ""
+    assert caplog.messages == []
 
 
-def test_a_file_system_without_flock_runs_unlocked_with_a_message(tmp_path, monkeypatch, capsys):
+def test_a_file_system_without_flock_runs_unlocked_with_a_message(tmp_path, monkeypatch, caplog):
     def no_flock(fd, operation):
         raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted without -o flock
 
     monkeypatch.setattr(io_module.fcntl, "flock", no_flock)
     with folder_lock(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
-    assert capsys.readouterr().err.startswith(f"mmdistill: cannot lock {tmp_path / LOCK_FILE} (Function not"
-                                              " implemented); running without a lock")
+    assert caplog.messages[0].startswith(f"cannot lock {tmp_path / LOCK_FILE} (Function not implemented);"
+                                         " running without a lock")
 
 
 def test_a_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):

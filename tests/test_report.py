@@ -1,4 +1,5 @@
 """Report: Markdown + self-contained HTML + figures from a hand-made results.json and a fake distilled folder."""
+import html as html_module
 import json
 import re
 import shutil
@@ -105,14 +106,52 @@ def test_recall_curve_is_plotted_when_the_pipeline_measured_it(run_dir):
     assert "not available" not in (run_dir / "report.md").read_text()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")
+# What the browser sees: a wrapper page loads the report in a frame and writes what it finds into its own DOM, which
+# `--dump-dom` prints once the page (and every image in it) has loaded.
+_PROBE = """<!doctype html><html><body><pre id="probe">loading</pre>
+<iframe id="report" src="report.html" style="width:1280px;height:1600px"></iframe>
+<script>
+document.getElementById("report").addEventListener("load", () => {
+  const doc = document.getElementById("report").contentDocument;
+  const images = [...doc.images];
+  document.getElementById("probe").textContent = JSON.stringify({
+    headings: [...doc.querySelectorAll("h1, h2")].map(h => h.textContent),
+    methods: [...doc.querySelectorAll("table.results tbody tr th, table.results tbody tr td:first-child")]
+      .map(cell => cell.textContent),
+    images: images.map(i => ({alt: i.alt, width: i.naturalWidth, shown: i.getBoundingClientRect().width})),
+    text: doc.body.innerText});
+});
+</script></body></html>"""
+
+_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _chromium(profile: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed: `make setup` installs it when it runs as root or with sudo")
 def test_html_renders_in_headless_chromium(run_dir):
-    screenshot = run_dir / "screenshot.png"
+    (run_dir / "probe.html").write_text(_PROBE)
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", f"--screenshot={screenshot}", "--window-size=1280,1600",
-                        (run_dir / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+        probe = _chromium(profile, "--allow-file-access-from-files", "--enable-logging=stderr", "--v=0",
+                          "--virtual-time-budget=10000", "--dump-dom", (run_dir / "probe.html").as_uri())
+        shown = json.loads(html_module.unescape(re.search(r'<pre id="probe">(.*?)</pre>', probe.stdout, re.S)[1]))
+        screenshot = run_dir / "screenshot.png"
+        _chromium(profile, f"--screenshot={screenshot}", "--window-size=1280,1600", (run_dir / "report.html").as_uri())
+    assert not [line for line in probe.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert shown["headings"][0] == "mmdistill report: shapes-tiny"
+    assert set(METHODS) <= {m.strip() for m in shown["methods"]}  # the results table, one row per method
+    assert "30.0 ± 1.0" in shown["text"]
+    images = {i["alt"]: i for i in shown["images"]}
+    assert len(images) >= 6 and all(i["width"] > 0 and i["shown"] > 0 for i in images.values())  # decoded, on screen
+    grids = [alt for alt in images if "synthetic" in alt.lower()]
+    assert len(grids) == 2  # one grid of synthetic images per phase
+    assert any("similarity" in alt.lower() for alt in images)
     image = Image.open(screenshot).convert("L")
     assert image.size == (1280, 1600)
     low, high = image.getextrema()

@@ -1,6 +1,11 @@
 """mmdistill: multimodal (image-text) dataset distillation (PTM-ST, LoRS, MTT-VL, representation blending)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mmdistill")  # written once, in pyproject.toml
+except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str):

@@ -462,7 +462,7 @@ def import_reference(source: Path, out: Path, fmt: str = "reference") -> None:
                          {"source": str(source), "reference_file": n, "reference_position": position})
             index += 1
         n += 1
-    print(f"imported {index} experts from {n} reference file pairs in {source} into {out}")
+    logger.info("imported %d experts from %d reference file pairs in %s into %s", index, n, source, out)
 
 
 def write_reference(store: ExpertStore, out: Path, trajectory_of: Callable[[int], dict[str, torch.Tensor]]) -> None:

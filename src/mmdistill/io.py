@@ -9,10 +9,10 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import UserError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".mmdistill.lock"
 _held: set[Path] = set()  # folders this process has locked
@@ -111,12 +113,11 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
             raise UserError(f"{folder} is in use by another mmdistill command (pid {holder}, lock file {path});"
                             " wait for it to finish or choose another --out") from None
         except OSError as err:
-            print(f"mmdistill: cannot lock {path} ({err.strerror or err}); running without a lock: do not start"
-                  " another command on this folder", file=sys.stderr)
+            logger.warning("cannot lock %s (%s); running without a lock: do not start another command on this"
+                           " folder", path, err.strerror or err)
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous:
-            print(f"mmdistill: taking over {path} from pid {previous}, which ended without releasing it",
-                  file=sys.stderr)
+            logger.warning("taking over %s from pid %s, which ended without releasing it", path, previous)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held.add(key)

@@ -14,14 +14,12 @@ import shutil
 from pathlib import Path
 
 import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .coresets import CORESETS  # noqa: E402
-from .evaluate import METRICS, failure_notes, method_status  # noqa: E402
-from .io import write_text  # noqa: E402
+from .coresets import CORESETS
+from .evaluate import METRICS, failure_notes, method_status
+from .io import write_text
 
 STAGES = ("prepare", "experts", "distill", "evaluate", "report")  # results.json timing keys, in pipeline order
 REFERENCE = "full"  # the full-data upper bound: shown, but not in the competition for the best cell
@@ -40,7 +38,7 @@ def colour(name: str) -> str:
     if name in COLOURS:
         return COLOURS[name]
     parts = [p for p in name.split("+") if p in ("ptm", "st", "ema")]
-    return matplotlib.colors.to_hex(plt.cm.Blues(0.35 + 0.2 * len(parts)))
+    return matplotlib.colors.to_hex(matplotlib.colormaps["Blues"](0.35 + 0.2 * len(parts)))
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -109,10 +107,16 @@ def _timing_rows(results: dict) -> list[tuple[str, float, bool]]:
 
 # ---------------------------------------------------------------------------------------------- figures
 
+def new_figure(*grid, figsize, layout=None, **subplot_kw):
+    """A figure and its axes, drawn without pyplot: no global backend is chosen or changed for the program that
+    imports mmdistill, and nothing is left open in pyplot's figure registry."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **subplot_kw)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -129,7 +133,7 @@ def method_bars(methods: dict, path: Path, title: str = "r_mean on the test spli
     names = list(methods)
     means = [methods[n]["r_mean"] for n in names]
     stds = [_mean_std(methods[n], "r_mean")[1] or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(names) + 1.2))
+    fig, ax = new_figure(figsize=(6.4, 0.45 * len(names) + 1.2))
     ax.barh(names, means, xerr=stds, color=[colour(n) for n in names], capsize=3)
     for y, (mean, std) in enumerate(zip(means, stds)):
         ax.text(mean + std + 0.5, y, f"{mean:.1f}", va="center", fontsize=9)
@@ -144,7 +148,7 @@ def robustness_chart(rows: list[dict], methods: tuple[str, ...], path: Path) -> 
     """Grouped bars: r_mean ± std of each method for every (set, pairs) row."""
     labels = [f"{row['set']}\n{row['pairs']} pairs" for row in rows]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rows) + 1.5), 4.2))
+    fig, ax = new_figure(figsize=(max(6.4, 1.1 * len(rows) + 1.5), 4.2))
     for i, name in enumerate(methods):
         means = [row["methods"][name]["r_mean"] for row in rows]
         stds = [_mean_std(row["methods"][name], "r_mean")[1] or 0.0 for row in rows]
@@ -201,7 +205,7 @@ def loss_curve(history: list[dict], path: Path) -> Path:
     """Matching loss against iteration, one colour per phase (raw faint, moving average solid)."""
     phases = _by_phase(history, "loss")
     longest = max(len(ys) for _, ys in phases.values())
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = new_figure(figsize=(6.4, 3.4))
     _phase_lines(ax, phases, phase_offsets(history)[0], smooth=max(1, longest // 20))
     ax.legend(frameon=False, fontsize=9)
     _style(ax, "Distillation: trajectory-matching loss", "iteration (phases back to back)", "loss")
@@ -212,7 +216,7 @@ def recall_curve(curve: list[dict], history: list[dict], methods: dict, method: 
     """r_mean of students trained on intermediate synthetic sets (1 run each), the final evaluation of the
     distilled method as a star at the end, and the baselines as dotted lines."""
     offsets, end = phase_offsets(history or curve)
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = new_figure(figsize=(6.4, 3.4))
     _phase_lines(ax, _by_phase(curve, "r_mean"), offsets)
     if method in methods:
         entry = methods[method]
@@ -232,8 +236,8 @@ def similarity_maps(matrices: list[torch.Tensor], path: Path) -> Path:
     """Heat maps of the learned S per phase, colour range set by the off-diagonal entries (diagonal clipped)."""
     off = torch.cat([(m - torch.diag(torch.diag(m))).flatten() for m in matrices]).abs()
     limit = max(off.quantile(0.995).item(), 1e-3)
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = new_figure(1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.4), squeeze=False,
+                           layout="constrained")
     for phase, (ax, matrix) in enumerate(zip(axes[0], matrices)):
         image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.set_title(f"phase {phase}: S ({matrix.shape[0]}×{matrix.shape[0]})", fontsize=10)
@@ -244,7 +248,7 @@ def similarity_maps(matrices: list[torch.Tensor], path: Path) -> Path:
 
 
 def timing_bars(rows: list[tuple[str, float, bool]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.2, 0.4 * len(rows) + 1.1))
+    fig, ax = new_figure(figsize=(5.2, 0.4 * len(rows) + 1.1))
     names = [f"{stage} (reused)" if reused else stage for stage, _, reused in rows]
     ax.barh(names, [s for _, s, _ in rows], color=["#c8c8c8" if r else "#1f5fa8" for _, _, r in rows])
     ax.invert_yaxis()

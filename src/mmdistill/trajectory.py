@@ -8,6 +8,7 @@ both ends: the reference's `convexify --start 0 --end 6` (end exclusive) is our 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from .errors import UserError
 from .experts import (ExpertStore, expert_path, require_no_experts, trajectory_step_norms, write_expert,
                       write_reference)
 from .model import GROUPS, ParamLayout
+
+logger = logging.getLogger(__name__)
 
 
 def shortcut_window(first: torch.Tensor, last: torch.Tensor, step_norms: torch.Tensor, layout: ParamLayout,
@@ -88,4 +91,4 @@ def export_shortcut(experts_dir: Path, out: Path, start: int, end: int, fmt: str
             write_expert(expert_path(out, expert), trajectory, norms, store.layouts, store.dtype, metadata)
     else:
         raise UserError(f"unknown shortcut format {fmt!r}; choose native or reference")
-    print(f"wrote the shortcut {start}..{end} of {len(store)} experts to {out} ({fmt} format)")
+    logger.info("wrote the shortcut %d..%d of %d experts to %s (%s format)", start, end, len(store), out, fmt)
