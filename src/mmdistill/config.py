@@ -549,3 +549,25 @@ def from_dict(raw: dict) -> DictConfig:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     validate(cfg)
     return cfg
+
+
+def flat_keys(raw, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (lists included) as {dotted key: leaf value}, e.g. {'distill.phases.0.pairs': 100}."""
+    if isinstance(raw, dict):
+        items = raw.items()
+    elif isinstance(raw, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in raw):
+        items = enumerate(raw)
+    else:
+        return {prefix.rstrip("."): raw}
+    flat = {}
+    for key, value in items:
+        flat.update(flat_keys(value, f"{prefix}{key}."))
+    return flat
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> str:
+    """'key: old -> new, ...' for the dotted keys whose values differ (at most `limit`, then how many more)."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    shown = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
