@@ -46,11 +46,13 @@ class InnerPlan:
     @classmethod
     def draw(cls, n: int, steps: int, batch_size: int, gen: torch.Generator, blend_alpha: float | None = None,
              device: torch.device | str = "cpu") -> "InnerPlan":
-        """Consecutive slices of a random permutation of the n pairs, a new permutation when it runs out."""
+        """Consecutive slices of a random permutation of the n pairs, a new permutation when fewer than
+        `batch_size` are left (as the reference draws them: a short remainder would be a step on a tiny batch,
+        whose loss is on another scale than the others')."""
         batches, chunks = [], []
         for _ in range(steps):
             if not chunks:
-                chunks = list(torch.randperm(n, generator=gen).split(batch_size))
+                chunks = [c for c in torch.randperm(n, generator=gen).split(batch_size) if len(c) == batch_size]
             batches.append(chunks.pop(0))
         seeds = torch.randint(1 << 62, (steps,), generator=gen).tolist()
         blends = [None] * steps
