@@ -10,7 +10,7 @@ from mmdistill.encoders import ConvNet
 from mmdistill.losses import LOSSES
 from mmdistill.matching import InnerPlan, matching_gradient
 from mmdistill.model import DualEncoder
-from mmdistill.similarity import init_similarity
+from mmdistill.similarity import init_similarity, similarity_block
 
 N, TEXT_DIM, PX = 12, 6, 8
 
@@ -210,3 +210,35 @@ def test_matching_loss_decreases_under_sgd():
         syn = {k: v - rates[k] * grads[k] for k, v in syn.items()}
     assert losses[-1] < 0.9 * losses[0]
     assert all(b < a for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("mode", ["exact", "unroll"])
+def test_merged_branches_merge_the_data_gradient_but_not_the_lr_gradients(mode):
+    """LoRS's --merge_loss_branches: images, texts and S follow the merged loss; each lr the gradient of its own
+    branch's term, d/dalpha_m ||theta_0 - alpha_m G_m - theta*||^2 / D_m = -2 (theta_N - theta*) . G_m / D_m."""
+    setup, inner = problem(kind="full"), plan()
+    detach = {"detach_inner": True} if mode == "unroll" else {}  # TESLA's G: the parameter path cut
+    _, merged = gradient(setup, inner, mode, merge_branches=True, **detach)
+    _, separate = gradient(setup, inner, mode, merge_branches=False, **detach)
+    if mode == "unroll":  # the true gradient: the lrs too follow their own branch
+        _, merged_true = gradient(setup, inner, mode, merge_branches=True)
+        _, separate_true = gradient(setup, inner, mode, merge_branches=False)
+        for key in ("lr_img", "lr_txt"):
+            assert merged_true[key].item() == pytest.approx(separate_true[key].item(), rel=1e-10)
+    model, syn, start, target = setup
+    # the transcription: G_m by hand, with plain SGD steps on the same plan (no dropout in this student)
+    theta, total = dict(start), {m: torch.zeros_like(t) for m, t in start.items()}
+    alpha = {"img": syn["lr_img"], "txt": syn["lr_txt"]}
+    for i, index in enumerate(inner.batches):
+        point = {m: t.detach().requires_grad_() for m, t in theta.items()}
+        sim = similarity_block("full", {"sim_full": syn["sim_full"]}, index, 1.0)
+        loss = LOSSES["wbce"](model.logits_at(point, syn["images"][index], syn["texts"][index]), sim)
+        grads = torch.autograd.grad(loss, list(point.values()))
+        for m, g in zip(point, grads):
+            total[m] += g
+            theta[m] = theta[m] - alpha[m] * g
+    for m, key in (("img", "lr_img"), ("txt", "lr_txt")):
+        expected = -2 * ((theta[m] - target[m]) * total[m]).sum() / (start[m] - target[m]).square().sum()
+        assert merged[key].item() == pytest.approx(expected.item(), rel=1e-8)
+        assert separate[key].item() == pytest.approx(expected.item(), rel=1e-8)
+    assert relative_error({"images": merged["images"]}, {"images": separate["images"]}) > 1e-3  # data: merged
