@@ -313,3 +313,22 @@ def test_the_table_shows_diverged_runs():
     lines = format_table({"ptm-st": {**entry, "diverged": 1}, "random": {**entry, "diverged": 0}}).splitlines()
     assert lines[1].startswith("ptm-st") and lines[1].endswith("2  (1 diverged)")
     assert lines[2].startswith("random") and "diverged" not in lines[2]
+
+
+def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, monkeypatch):
+    """A set distilled with mtt-vl (InfoNCE, temperature 0.1) is scored with that loss and temperature, although
+    the preset's method is ptm-st (WBCE, 0.07); a set that records no config keeps the preset's."""
+    cfg = make_cfg("evaluate.epochs=1", "evaluate.eval_every=1", "evaluate.runs=1")
+    bundle = make_bundle()
+    monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
+    seen = []
+    real = evaluate.evaluate_distilled
+    monkeypatch.setattr(evaluate, "evaluate_distilled", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
+    run_config = make_cfg("distill.method=mtt-vl", "model.temperature=0.1")
+    from mmdistill.config import to_dict
+    for meta, out in (({"method": "mtt-vl", "config": to_dict(run_config)}, "a"), ({"method": "ptm-st"}, "b")):
+        distilled = DistilledSet([real_phase(bundle, torch.arange(10))], meta, str(tmp_path / "syn"), "native")
+        monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
+        evaluate_command(cfg, tmp_path / "syn", tmp_path / out)
+    assert (seen[0].distill.loss, seen[0].model.temperature, seen[0].distill.method) == ("nce", 0.1, "mtt-vl")
+    assert (seen[1].distill.loss, seen[1].model.temperature) == ("wbce", 0.07)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import statistics
 import time
@@ -34,6 +35,8 @@ from .prepare import Prepared, prepare
 from .similarity import similarity_block
 from .tracking import log_table
 from .utils import derive_seed, generator, resolve_device
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
@@ -237,6 +240,7 @@ def train_student(distilled, cfg=None, *, seed: int | None = None, device: str |
             raise UserError(f"{distilled.source} carries no mmdistill config: pass cfg, e.g."
                             " mmdistill.config.load_config(PRESET)")
         cfg = from_dict(distilled.meta["config"])
+    cfg = with_run_method(cfg, distilled.meta)
     if device is not None:
         cfg = OmegaConf.merge(cfg, {"device": device})
     bundle = prepare(cfg)
@@ -426,6 +430,32 @@ def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
                                           if phase.get("collapse")]}
 
 
+# What a student trains with that the distillation chose: its method's loss and the student's temperature (the
+# similarity kind and sim_alpha travel in each phase file). A set distilled with LoRS' settings must be scored
+# with them, not with the preset's default method.
+RUN_METHOD_KEYS = ("distill.method", "distill.loss", "distill.similarity", "distill.sim_alpha", "model.temperature")
+
+
+def with_run_method(cfg, meta: dict):
+    """`cfg` with RUN_METHOD_KEYS taken from the config a distilled set records (meta.json); unchanged for a set
+    that records none (another code base's files)."""
+    from omegaconf import OmegaConf
+
+    run = meta.get("config")
+    if not isinstance(run, dict):
+        return cfg
+    run = OmegaConf.create(run)
+    taken = {key: OmegaConf.select(run, key) for key in RUN_METHOD_KEYS if OmegaConf.select(run, key) is not None}
+    changed = {key: value for key, value in taken.items() if OmegaConf.select(cfg, key) != value}
+    if not changed:
+        return cfg
+    logger.info("evaluating with the distilled set's %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+    cfg = OmegaConf.merge(cfg, {})
+    for key, value in changed.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
     """`mmdistill evaluate`: evaluate a distilled set (any layout `synthetic.load_distilled` reads, or another code
     base's with `fmt`) and merge its entry into results.json."""
@@ -433,6 +463,7 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
 
     distilled = load_distilled(synthetic, fmt)
     method = distilled.method
+    cfg = with_run_method(cfg, distilled.meta)
     bundle = prepare(cfg)
     phases = phases_for(distilled, cfg, bundle)
     path = results_path(out_path)
