@@ -124,3 +124,17 @@ def test_pairs_beyond_the_training_captions_stop_prepare():
         check_pairs(halves, train, whole_budget=True)  # a coreset baseline takes them all
     with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all"):
         check_pairs(with_method(halves, "lors"), train)  # one phase of all the pairs
+
+
+def test_gradient_mode_exact_is_a_deprecated_alias_of_tesla(caplog):
+    import logging
+
+    from mmdistill.config import from_dict, load_config, to_dict
+
+    with caplog.at_level(logging.WARNING, logger="mmdistill.config"):
+        cfg = load_config("shapes-tiny", ["distill.gradient=exact"])
+    assert cfg.distill.gradient == "tesla"
+    assert "distill.gradient=exact is deprecated" in caplog.text and "tesla" in caplog.text
+    old_run = to_dict(cfg)
+    old_run["distill"]["gradient"] = "exact"  # a meta.json written before the rename
+    assert from_dict(old_run).distill.gradient == "tesla"

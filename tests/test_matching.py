@@ -65,7 +65,7 @@ def relative_error(grads, reference):
                                               ("lowrank", "feature", False)])
 def test_exact_equals_unroll_with_detached_parameter_path(kind, space, merge):
     setup, inner = problem(kind=kind, space=space), plan()
-    loss, exact = gradient(setup, inner, "exact", kind, merge_branches=merge)
+    loss, exact = gradient(setup, inner, "tesla", kind, merge_branches=merge)
     loss_unroll, unroll = gradient(setup, inner, "unroll", kind, merge_branches=merge, detach_inner=True)
     assert loss == pytest.approx(loss_unroll, rel=1e-12)
     assert {"images", "texts", "lr_img", "lr_txt"} <= exact.keys()
@@ -78,7 +78,7 @@ def test_fd_matches_exact(dtype, tolerance, kind):
     """Measured: ~8e-7 in float64 and ~8e-4 in float32 (without frozen ReLU pieces float32 was off by 7x)."""
     setup, inner = problem(dtype, kind), plan()
     loss_fd, fd = gradient(setup, inner, "fd", kind)
-    loss_exact, exact = gradient(setup, inner, "exact", kind)
+    loss_exact, exact = gradient(setup, inner, "tesla", kind)
     assert loss_fd == loss_exact
     assert relative_error(fd, exact) < tolerance
 
@@ -87,21 +87,21 @@ def test_fd_holds_relu6_and_inplace_relu_on_their_pieces():
     setup = problem(torch.float32, encoder=ClampNet())
     setup[1]["images"] *= 20  # push pre-activations past ReLU6's upper kink too
     _, fd = gradient(setup, plan(), "fd")
-    _, exact = gradient(setup, plan(), "exact")
+    _, exact = gradient(setup, plan(), "tesla")
     assert relative_error(fd, exact) < 1e-2
     assert setup[0].image_encoder[1].inplace  # restored after the replay
 
 
 def test_dropout_masks_are_replayed():
     setup = problem(dropout=0.3)
-    _, exact = gradient(setup, plan(), "exact")
+    _, exact = gradient(setup, plan(), "tesla")
     _, unroll = gradient(setup, plan(), "unroll", detach_inner=True)
     _, fd = gradient(setup, plan(), "fd")
     assert relative_error(exact, unroll) < 1e-6
     assert relative_error(fd, exact) < 1e-5
     other_masks = plan()
     other_masks.seeds = [s + 1 for s in other_masks.seeds]
-    _, other = gradient(setup, other_masks, "exact")
+    _, other = gradient(setup, other_masks, "tesla")
     assert relative_error(other, exact) > 1e-3  # dropout is live: other masks, other gradient
 
 
@@ -113,12 +113,12 @@ def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
     seen, logits_at = [], model.logits_at
     monkeypatch.setattr(model, "logits_at",
                         lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend))
-    _, exact = gradient(setup, inner, "exact")
+    _, exact = gradient(setup, inner, "tesla")
     assert seen == inner.blends * 2  # pass 1, then the replay: the same (lam, perm) objects, step by step
     seen.clear()
     _, unroll = gradient(setup, inner, "unroll", detach_inner=True)
     assert relative_error(exact, unroll) < 1e-6
-    _, unblended = gradient(setup, plan(), "exact")
+    _, unblended = gradient(setup, plan(), "tesla")
     assert relative_error(unblended, exact) > 1e-3
 
 
@@ -138,7 +138,7 @@ def test_unroll_is_the_derivative_of_the_matching_loss():
     numeric = (loss_at(1) - loss_at(-1)) / (2 * h)
     analytic = sum((grads[k] * direction[k]).sum().item() for k in syn)
     assert analytic == pytest.approx(numeric, rel=1e-5)
-    _, exact = gradient(setup, inner, "exact", "lowrank")
+    _, exact = gradient(setup, inner, "tesla", "lowrank")
     assert relative_error(exact, grads) > 1e-3  # unroll keeps the parameter path that exact drops
 
 
@@ -173,7 +173,7 @@ class _Box:
         self.tensor = tensor
 
 
-@pytest.mark.parametrize("mode,flat", [("fd", True), ("exact", True), ("unroll", False)])
+@pytest.mark.parametrize("mode,flat", [("fd", True), ("tesla", True), ("unroll", False)])
 def test_memory_does_not_grow_with_steps(mode, flat):
     setup = problem()
     peaks = []
@@ -212,7 +212,7 @@ def test_matching_loss_decreases_under_sgd():
     assert all(b < a for a, b in zip(losses, losses[1:]))
 
 
-@pytest.mark.parametrize("mode", ["exact", "unroll"])
+@pytest.mark.parametrize("mode", ["tesla", "unroll"])
 def test_merged_branches_merge_the_data_gradient_but_not_the_lr_gradients(mode):
     """LoRS's --merge_loss_branches: images, texts and S follow the merged loss; each lr the gradient of its own
     branch's term, d/dalpha_m ||theta_0 - alpha_m G_m - theta*||^2 / D_m = -2 (theta_N - theta*) . G_m / D_m."""

@@ -9,6 +9,7 @@ checks do), so such errors come back in a fraction of a second.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +22,8 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from .errors import UserError
 
+
+logger = logging.getLogger(__name__)
 
 AUTO = "auto"  # a setting measured from the data and the experts at run time
 
@@ -123,7 +126,10 @@ class DistillConfig:
     momentum: float = 0.5
     space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
     init: str = "real"  # real | noise
-    gradient: str = "fd"  # fd (fast constant-memory) | exact (constant-memory, double backward) | unroll
+    # fd (TESLA's gradient by a finite-difference Hessian-vector product, fast) | tesla (TESLA's gradient by a
+    # double backward) | unroll (the true gradient through the whole inner loop, memory grows with syn_steps).
+    # TESLA's gradient drops the path through the student's parameters (spec 5.4); `exact` is tesla's old name.
+    gradient: str = "fd"
     merge_loss_branches: bool = False
     trajectories_per_iter: int = 1
     checkpoint_every: int = 50
@@ -195,12 +201,15 @@ CHOICES = {
     "distill.similarity": ("identity", "full", "lowrank"),
     "distill.space": ("pixel", "feature"),
     "distill.init": ("real", "noise"),
-    "distill.gradient": ("fd", "exact", "unroll"),
+    "distill.gradient": ("fd", "tesla", "unroll"),
     "distill.lr_update": ("log-adam", "sgd"),
     "evaluate.lr_schedule": ("per-phase", "global"),
     "evaluate.protocol": ("val", "reference"),
 }
 
+
+# Old names kept for one release: (key, old value) -> new value, with a deprecation message when used.
+DEPRECATED_VALUES = {("distill.gradient", "exact"): "tesla"}
 
 AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")  # float settings that may be auto
 AUTO_FLOATS = {f"distill.{key}" for key in AUTO_KEYS}
@@ -411,6 +420,7 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
                 _set(cfg, key, value)
         except UserError as err:
             raise UserError(f"{origin}: {err}" if origin else str(err)) from None
+    _rename_deprecated(cfg, warn=True)
     try:
         validate(cfg)
     except UserError as err:
@@ -418,6 +428,17 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
         raise UserError(f"{err} (config file {config_file})" if config_file is not None else str(err)) from None
     _check_device(cfg.device)
     return cfg
+
+
+def _rename_deprecated(cfg: DictConfig, warn: bool) -> None:
+    """Replace the old names of DEPRECATED_VALUES by the new ones, saying so when the user wrote them."""
+    for (key, old), new in DEPRECATED_VALUES.items():
+        if OmegaConf.select(cfg, key) == old:
+            if warn:
+                logger.warning("%s=%s is deprecated and will be removed in the next release: it is now called %s"
+                               " (TESLA's gradient, which drops the path through the student's parameters)",
+                               key, old, new)
+            OmegaConf.update(cfg, key, new, merge=False)
 
 
 def _check_device(name: str) -> None:
@@ -545,8 +566,10 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def from_dict(raw: dict) -> DictConfig:
-    """Rebuild a validated config saved with `to_dict` (e.g. from meta.json)."""
+    """Rebuild a validated config saved with `to_dict` (e.g. from meta.json); a run saved under an old name of a
+    value reads as the new name."""
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    _rename_deprecated(cfg, warn=False)
     validate(cfg)
     return cfg
 

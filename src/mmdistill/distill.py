@@ -641,11 +641,11 @@ def _memory_growth(cfg, syn_steps: int, mode: str) -> float:
 
 
 def bench_iteration(cfg, repeats: int = 5) -> dict:
-    """Seconds per distillation iteration (default gradient mode, and exact) against syn_steps plain training
+    """Seconds per distillation iteration (default gradient mode, and tesla) against syn_steps plain training
     steps of the same student, measured interleaved in one process (medians); memory at syn_steps 5 vs 20."""
     dc = cfg.distill
     iteration, plain, device = _bench_setup(cfg, dc.syn_steps)
-    runs = {"plain": plain, dc.gradient: lambda: iteration(dc.gradient), "exact": lambda: iteration("exact")}
+    runs = {"plain": plain, dc.gradient: lambda: iteration(dc.gradient), "tesla": lambda: iteration("tesla")}
     for run in runs.values():  # warm-up
         run()
     times = {name: [] for name in runs}
@@ -662,8 +662,8 @@ def bench_iteration(cfg, repeats: int = 5) -> dict:
     result = {"device": str(device), "threads": torch.get_num_threads(), "gradient": dc.gradient,
               "syn_steps": dc.syn_steps, "mini_batch_size": dc.mini_batch_size, "pairs": dc.phases[0].pairs,
               "seconds_per_iteration": seconds[dc.gradient], "seconds_plain_steps": seconds["plain"],
-              "ratio": seconds[dc.gradient] / seconds["plain"], "seconds_per_iteration_exact": seconds["exact"],
-              "ratio_exact": seconds["exact"] / seconds["plain"]}
+              "ratio": seconds[dc.gradient] / seconds["plain"], "seconds_per_iteration_tesla": seconds["tesla"],
+              "ratio_tesla": seconds["tesla"] / seconds["plain"]}
     for mode in (dc.gradient, "unroll"):
         growth = {steps: _memory_growth(cfg, steps, mode) for steps in (5, 20)}
         suffix = "" if mode == dc.gradient else f"_{mode}"

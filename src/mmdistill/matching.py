@@ -8,7 +8,7 @@ With `merge_branches` (LoRS) the data's gradient comes from sum_m ||.||^2 / sum_
 student lr still takes the gradient of its own branch's term, as LoRS computes them.
 
 Three modes, one signature:
-- exact: TESLA's constant-memory gradient. dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
+- tesla (called `exact` before): TESLA's constant-memory gradient. dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
   pass 1 runs the loop without graphs (only theta_N and G survive it) and pass 2 replays it from theta_0 and
   backpropagates v . g_i into the step's inputs with a double backward. Nothing per step is stored.
 - fd: pass 2 swaps the double backward for a finite-difference Hessian-vector product,
@@ -254,14 +254,14 @@ def matching_gradient(model, syn: dict[str, torch.Tensor], theta_start: dict[str
     loop = InnerLoop(model, syn, plan, loss_fn, sim_kind, sim_alpha)
     if mode == "unroll":
         return _unroll(loop, theta_start, theta_target, merge_branches, detach_inner)
-    if mode not in ("fd", "exact"):
+    if mode not in ("fd", "tesla"):
         raise ValueError(f"unknown gradient mode {mode!r}")
     theta_n, total = loop.run(theta_start)
     theta_n = {m: t.detach().requires_grad_() for m, t in theta_n.items()}
     loss = matching_loss(theta_n, theta_start, theta_target, merge_branches)
     d_theta_n = dict(zip(theta_n, autograd.grad(loss, list(theta_n.values()))))
     v = {m: -loop.alpha[m] * d for m, d in d_theta_n.items()}  # dL/dg_i, the same for every step
-    grads = loop.replay(theta_start, v, exact=mode == "exact", fd_step=FD_STEP[like.dtype])
+    grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=FD_STEP[like.dtype])
     if merge_branches:  # the lrs always follow their own branch's loss (LoRS merges only the data gradient)
         branches = matching_loss(theta_n, theta_start, theta_target, merge_branches=False)
         d_theta_n = dict(zip(theta_n, autograd.grad(branches, list(theta_n.values()))))
