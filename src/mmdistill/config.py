@@ -88,6 +88,8 @@ class PhaseConfig:
     iterations: int = 2000
     start_epochs: List[int] = field(default_factory=lambda: [0, 2])  # [min, max): start snapshot drawn here
     shortcut_end: Optional[int] = None  # match the shortcut trajectory 0..t_p (inclusive); None = plain expert
+    sim_rank: Optional[int] = None  # rank of a low-rank S in this phase (the reference's per-phase list); None:
+    # distill.sim_rank
 
 
 @dataclass
@@ -169,6 +171,11 @@ class Config:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Per-method settings of this preset: {method: {dotted config key: value}}, applied over the preset whenever
+    # that method runs (chosen with distill.method, or run beside it by bench quality), before the user's --set.
+    # The paper presets keep each method's published numbers here (LoRS's table for lors, MTT-VL's for mtt-vl);
+    # `--set methods.lors.distill.lr_images=50` overrides one of them.
+    methods: Dict[str, Any] = field(default_factory=dict)
 
 
 # Each method is a set of switches on the one engine (applied after the preset, before user overrides).
@@ -279,8 +286,10 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
                 raise _key_error(cfg, key, "list index out of range in")
             node[index] = value
         else:
-            if _is_open_mapping(node):
+            if key.startswith("data.split_map."):
                 value = value if value is None or isinstance(value, str) else str(value)  # split names are text
+            elif _is_open_mapping(node):
+                pass  # a method's settings block (`methods`): its keys are checked when the method is applied
             elif last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
@@ -318,6 +327,9 @@ def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
     """Merge a preset dict key by key so that unknown keys are reported with their dotted name."""
     for k, v in raw.items():
         key = f"{prefix}{k}"
+        if key == "methods":  # merged method by method over the inherited preset's
+            _set_method_block(cfg, key, v)
+            continue
         if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig) and not _is_open_mapping(
                 OmegaConf.select(cfg, key)):
             _merge_preset(cfg, v, f"{key}.")
@@ -410,6 +422,14 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
     method = next((v for k, v, _ in reversed(given) if k == "distill.method"), cfg.distill.method)
     if method not in METHODS:
         raise _choice_error("distill.method", method)
+    # a method's settings block first (it is applied with the method), then everything else over both
+    blocks = [(key, value, origin) for key, value, origin in given if key == "methods" or key.startswith("methods.")]
+    given = [item for item in given if item not in blocks]
+    for key, value, origin in blocks:
+        try:
+            _set_method_block(cfg, key, value)
+        except UserError as err:
+            raise UserError(f"{origin}: {err}" if origin else str(err)) from None
     cfg.distill.method = method
     apply_method(cfg, method)
     for key, value, origin in given:
@@ -461,11 +481,54 @@ def _check_device(name: str) -> None:
         raise UserError(f"bad value {name!r} for 'device': MPS is not available on this machine")
 
 
+def _set_method_block(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set `methods` or a key inside it (`methods.lors.distill.lr_images`), merging into what the preset has."""
+    blocks = OmegaConf.to_container(cfg.methods)
+    if key == "methods":
+        if not isinstance(value, dict):
+            raise UserError(f"bad value {value!r} for 'methods': a mapping of method names to their settings")
+        for name, settings in value.items():
+            blocks[name] = {**_method_settings(blocks.get(name) or {}), **_method_settings(settings or {})}
+    else:
+        parts = key.split(".")
+        if len(parts) < 3:
+            raise UserError(f"bad key {key!r}: expected methods.<method>.<config key>=value")
+        name, inner = parts[1], ".".join(parts[2:])
+        settings = _method_settings(value) if isinstance(value, dict) else {"": value}
+        blocks[name] = {**_method_settings(blocks.get(name) or {}),
+                        **{f"{inner}.{k}" if k else inner: v for k, v in settings.items()}}
+    cfg.methods = blocks
+
+
+def _method_settings(raw: dict) -> dict[str, Any]:
+    """A preset's block for one method as {dotted key: value}; a `distill.phases` list stays whole."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for inner, leaf in _method_settings(value).items():
+                flat[f"{key}.{inner}"] = leaf
+        else:
+            flat[key] = value
+    return flat
+
+
 def apply_method(cfg: DictConfig, method: str) -> DictConfig:
-    """Switch `cfg` (in place) to one of METHODS: the same engine, other switches."""
+    """Switch `cfg` (in place) to one of METHODS: the same engine, other switches, then the preset's settings
+    for that method (`methods.<method>`)."""
     cfg.distill.method = method
     for key, value in METHODS[method].items():
         _set(cfg, f"distill.{key}", value)
+    block = cfg.methods.get(method)
+    for key, value in _method_settings(OmegaConf.to_container(block) if block is not None else {}).items():
+        if key.startswith("methods") or key == "distill.method":
+            raise UserError(f"bad key 'methods.{method}.{key}': a method's settings cannot change the method")
+        try:
+            if key == "distill.phases":
+                _merge_preset(cfg, {"distill": {"phases": value}})
+            else:
+                _set(cfg, key, value)
+        except UserError as err:
+            raise UserError(f"{err} (in methods.{method})") from None
     return cfg
 
 
@@ -536,6 +599,9 @@ def validate(cfg: DictConfig) -> None:
         if lo_hi[1] - 1 + _least_expert_epochs(cfg) > end:
             raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
                             f" within snapshot {end}")
+    for name in cfg.methods:
+        if name not in METHODS:
+            raise _key_error(cfg, f"methods.{name}", "unknown method in")
     for name in cfg.data.split_map:
         if name not in ("train", "validation", "test"):
             raise UserError(f"unknown config key 'data.split_map.{name}': map train, validation or test to the"

@@ -66,7 +66,8 @@ def plan_phases(cfg) -> list[PhaseConfig]:
         phases = [PhaseConfig(pairs=sum(p.pairs for p in phases), iterations=sum(p.iterations for p in phases),
                               start_epochs=[min(p.start_epochs[0] for p in phases),
                                             max(p.start_epochs[1] for p in phases)],
-                              shortcut_end=None if None in ends else max(ends))]
+                              shortcut_end=None if None in ends else max(ends),
+                              sim_rank=max((p.sim_rank for p in phases if p.sim_rank is not None), default=None))]
     if not dc.use_shortcut:
         phases = [dataclasses.replace(p, shortcut_end=None) for p in phases]
     return phases
@@ -219,7 +220,8 @@ class Distiller:
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen)
         lr = torch.tensor([dc.lr_init if dc.lr_init != AUTO else 0.0])
-        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, dc.sim_rank, gen),
+        rank = dc.sim_rank if phase.sim_rank is None else phase.sim_rank
+        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, rank, gen),
                "lr_img": lr, "lr_txt": lr.clone()}
         return {k: v.float().to(self.device) for k, v in syn.items()}
 
@@ -385,8 +387,9 @@ def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
 
 # Keys that do not change the distilled data: names, where it runs, how often it saves, how many failures it
 # tolerates and how the result is evaluated. A resume after changing one of them continues where it stopped.
-NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate.", "distill.checkpoint_every",
-                    "distill.snapshot_every", "distill.max_retries")
+# `methods.*` is the other methods' settings (this method's are already applied to distill.*).
+NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate.", "methods.",
+                    "distill.checkpoint_every", "distill.snapshot_every", "distill.max_retries")
 
 
 def distill_keys(cfg) -> dict:
