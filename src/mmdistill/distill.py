@@ -43,7 +43,7 @@ from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
 from .similarity import init_similarity
-from .synthetic import load_phase, phase_metadata, write_captions, write_meta, write_phase
+from .synthetic import LIVE_LRS, load_phase, phase_metadata, write_captions, write_meta, write_phase
 from .trajectory import matching_pair
 from .tracking import log_scalars
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
@@ -336,7 +336,8 @@ class Distiller:
                     "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
                     "config_keys": self.config_keys,
                     "calibration": state.calibration.to_json(), "collapse": state.collapse}
-        write_phase(path, state.ema, metadata)
+        live = {LIVE_LRS[key]: state.syn[key].detach() for key in LR_KEYS.values()}  # the reference evaluates with them
+        write_phase(path, {**state.ema, **live}, metadata)
 
 
 def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False, restart: bool = False) -> None:
