@@ -60,7 +60,7 @@ def test_a_newer_major_format_is_refused(tiny_run, tmp_path):
     assert len(load_synthetic(copy)) == 2
     meta = json.loads((copy / "meta.json").read_text())
     (copy / "meta.json").write_text(json.dumps({**meta, "format_version": "2.0"}))
-    with pytest.raises(UserError, match=r"format 2\.0, newer than the 1\.0 this mmdistill reads; upgrade"):
+    with pytest.raises(UserError, match=r"format 2\.0, newer than the 1\.1 this mmdistill reads; upgrade"):
         load_distilled(copy)
 
 
