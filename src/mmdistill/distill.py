@@ -389,21 +389,16 @@ def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
 # Keys that do not change the distilled data: names, where it runs, how often it saves, how many failures it
 # tolerates and how the result is evaluated. A resume after changing one of them continues where it stopped.
 # `methods.*` is the other methods' settings (this method's are already applied to distill.*).
-NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate.", "methods.",
+NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate", "methods",
                     "distill.checkpoint_every", "distill.snapshot_every", "distill.max_retries")
 
 
 def distill_keys(cfg) -> dict:
-    """The dotted config keys that determine the distilled data, with their values (what `fingerprint` hashes
-    and what a refused resume compares key by key)."""
+    """The dotted config keys that determine the distilled data, with their values: a checkpoint or phase file
+    is reused only under the same ones (their digest marks the files), and a refused resume lists those that
+    differ."""
     return {k: v for k, v in flat_keys(to_dict(cfg)).items()
-            if not any(k == skip or k.startswith(skip if skip.endswith(".") else skip + ".")
-                       for skip in NOT_DISTILL_KEYS)}
-
-
-def fingerprint(cfg) -> str:
-    """Hash of the keys that determine the distilled data: a checkpoint or phase file is reused only by them."""
-    return digest(distill_keys(cfg))
+            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_DISTILL_KEYS)}
 
 
 def _check_earlier_run(out: Path, count: int, key: str, keys: dict, resume: bool) -> None:
