@@ -124,3 +124,74 @@ def test_pairs_beyond_the_training_captions_stop_prepare():
         check_pairs(halves, train, whole_budget=True)  # a coreset baseline takes them all
     with pytest.raises(UserError, match="'distill.phases': 1200 pairs in all"):
         check_pairs(with_method(halves, "lors"), train)  # one phase of all the pairs
+
+
+def test_gradient_mode_exact_is_a_deprecated_alias_of_tesla(caplog):
+    import logging
+
+    from mmdistill.config import from_dict, load_config, to_dict
+
+    with caplog.at_level(logging.WARNING, logger="mmdistill.config"):
+        cfg = load_config("shapes-tiny", ["distill.gradient=exact"])
+    assert cfg.distill.gradient == "tesla"
+    assert "distill.gradient=exact is deprecated" in caplog.text and "tesla" in caplog.text
+    old_run = to_dict(cfg)
+    old_run["distill"]["gradient"] = "exact"  # a meta.json written before the rename
+    assert from_dict(old_run).distill.gradient == "tesla"
+
+
+PAPER_PRESETS = [f"{data}-{budget}" for data in ("flickr30k", "coco", "cc3m") for budget in (100, 200, 500)]
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_have_the_papers_budgets_and_the_specs_phases(name):
+    """Budgets 100/200/500 as the paper states them (not the reference's off-by-one 99/199/499), 2000 iterations
+    per phase, the convexified windows 0_6 / 0_8, one sim_rank per phase, E = 1 and the reference's lr update."""
+    from mmdistill.config import load_config
+    from mmdistill.distill import plan_phases
+
+    cfg = load_config(name)
+    budget = int(name.split("-")[1])
+    phases = cfg.distill.phases
+    assert sum(p.pairs for p in phases) == budget
+    assert [(list(p.start_epochs), p.shortcut_end, p.iterations) for p in phases] == \
+        [([0, 2], 5, 2000), ([1, 3], 7, 2000)][:len(phases)]
+    assert all(p.sim_rank is not None for p in phases)
+    dc = cfg.distill
+    assert (dc.expert_epochs, dc.syn_steps, dc.lr_update, dc.lr_lr, dc.lr_init) == (1, 8, "sgd", 0.01, 0.1)
+    assert (dc.lr_images, dc.lr_texts, dc.ema_decay, dc.similarity, dc.loss) == (1000, 1000, 0.99, "full", "wbce")
+    for method in ("lors", "mtt-vl"):
+        assert sum(p.pairs for p in plan_phases(load_config(name, [f"distill.method={method}"]))) == budget
+
+
+def test_each_method_runs_with_its_own_published_settings():
+    from mmdistill.config import load_config, with_method
+    from mmdistill.distill import plan_phases
+
+    lors = load_config("flickr30k-100", ["distill.method=lors"])
+    dc = lors.distill
+    assert (dc.lr_images, dc.lr_sim, dc.sim_alpha, dc.similarity, dc.mini_batch_size) == (100, 10, 3, "lowrank", 20)
+    (phase,) = plan_phases(lors)
+    assert (phase.pairs, phase.iterations, phase.start_epochs, phase.sim_rank) == (100, 3000, [0, 2], 10)
+    assert with_method(load_config("flickr30k-100"), "lors").distill == lors.distill  # bench quality's path
+    coco = load_config("coco-500", ["distill.method=lors"])
+    assert (coco.distill.merge_loss_branches, coco.model.temperature, coco.distill.lr_images) == (True, 0.1, 5000)
+    assert load_config("coco-500").model.temperature == 0.07  # only lors runs at LoRS's temperature
+    mtt = with_method(load_config("flickr30k-200"), "mtt-vl").distill
+    assert (mtt.mini_batch_size, mtt.lr_images, mtt.gradient, plan_phases(load_config(
+        "flickr30k-200", ["distill.method=mtt-vl"]))[0].iterations) == (100, 1000, "unroll", 50000)
+    ptm = load_config("flickr30k-100").distill
+    assert (ptm.lr_images, ptm.similarity, ptm.mini_batch_size) == (1000, "full", 20)  # untouched by the blocks
+
+
+def test_method_settings_are_overridable_and_checked():
+    from mmdistill.config import load_config, with_method
+
+    cfg = load_config("flickr30k-100", ["methods.lors.distill.lr_images=50", "distill.method=lors"])
+    assert cfg.distill.lr_images == 50 and cfg.distill.sim_alpha == 3  # the rest of the block stays
+    assert with_method(load_config("flickr30k-100", ["methods.lors.distill.lr_images=50"]), "lors").distill.lr_images == 50
+    assert load_config("flickr30k-100", ["distill.method=lors", "distill.lr_images=7"]).distill.lr_images == 7
+    with pytest.raises(UserError, match="unknown config key 'distill.lr_imags'.*in methods.lors"):
+        load_config("flickr30k-100", ["methods.lors.distill.lr_imags=50", "distill.method=lors"])
+    with pytest.raises(UserError, match="unknown method in 'methods.lorz'"):
+        load_config("flickr30k-100", ["methods.lorz.distill.lr_images=50"])

@@ -153,7 +153,8 @@ def test_lr_schedule_restarts_per_phase_unless_global(recording_sgd, schedule):
 
 def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch):
     bundle = make_bundle(sizes=(40, 30, 40))
-    scripts = {"validation": [1, 9, 3, 2, 4], "test": [5, 1, 2, 8, 3]}
+    # val: checkpoints (0,0) (0,2) (0,4) (1,2) (1,4); reference: (0,0), then after epochs 1, 3, 5 of each phase
+    scripts = {"validation": [1, 9, 3, 2, 4, 0, 0], "test": [5, 1, 2, 3, 8, 3, 1]}
     calls = []
 
     def fake_metrics(sim, img2txt, txt2img):
@@ -164,19 +165,18 @@ def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch
 
     monkeypatch.setattr(evaluate, "retrieval_metrics", fake_metrics)
     phases = [real_phase(bundle, torch.arange(0, 20)), real_phase(bundle, torch.arange(20, 40))]
-    overrides = ["evaluate.epochs=4", "evaluate.eval_every=2"]  # checkpoints (0,0) (0,2) (0,4) (1,2) (1,4)
+    overrides = ["evaluate.epochs=4", "evaluate.eval_every=2"]
 
     reference = train_and_test(make_cfg(*overrides, "evaluate.protocol=reference"), bundle, phases, seed=0)
-    assert (reference["phase"], reference["epoch"], reference["test"]["r_mean"]) == (1, 2, 8)
-    assert reference["val"]["r_mean"] == 2
-    test_sums = [s for name, s in calls if name == "test"]
+    assert (reference["phase"], reference["epoch"], reference["test"]["r_mean"]) == (1, 1, 8)
+    assert reference["val"]["r_mean"] == 4 and len(reference["curve"]) == 7
 
     calls.clear()
     chosen = train_and_test(make_cfg(*overrides), bundle, phases, seed=0)
     assert (chosen["phase"], chosen["epoch"], chosen["val"]["r_mean"]) == (0, 2, 9)
-    assert [c["val_r_mean"] for c in chosen["curve"]] == scripts["validation"]
+    assert [c["val_r_mean"] for c in chosen["curve"]] == scripts["validation"][:5]
     tests = [s for name, s in calls if name == "test"]
-    assert tests == [test_sums[1]]  # one test evaluation, of the restored checkpoint (0, 2)
+    assert len(tests) == 1  # one test evaluation, of the restored checkpoint (0, 2)
 
     assert evaluate.summarize_runs([reference], "reference")["protocol"] == "reference (selected on test)"
 
@@ -313,3 +313,75 @@ def test_the_table_shows_diverged_runs():
     lines = format_table({"ptm-st": {**entry, "diverged": 1}, "random": {**entry, "diverged": 0}}).splitlines()
     assert lines[1].startswith("ptm-st") and lines[1].endswith("2  (1 diverged)")
     assert lines[2].startswith("random") and "diverged" not in lines[2]
+
+
+def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, monkeypatch):
+    """A set distilled with mtt-vl (InfoNCE, temperature 0.1) is scored with that loss and temperature, although
+    the preset's method is ptm-st (WBCE, 0.07); a set that records no config keeps the preset's."""
+    cfg = make_cfg("evaluate.epochs=1", "evaluate.eval_every=1", "evaluate.runs=1")
+    bundle = make_bundle()
+    monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
+    seen = []
+    real = evaluate.evaluate_distilled
+    monkeypatch.setattr(evaluate, "evaluate_distilled", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
+    run_config = make_cfg("distill.method=mtt-vl", "model.temperature=0.1")
+    from mmdistill.config import to_dict
+    for meta, out in (({"method": "mtt-vl", "config": to_dict(run_config)}, "a"), ({"method": "ptm-st"}, "b")):
+        distilled = DistilledSet([real_phase(bundle, torch.arange(10))], meta, str(tmp_path / "syn"), "native")
+        monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
+        evaluate_command(cfg, tmp_path / "syn", tmp_path / out)
+    assert (seen[0].distill.loss, seen[0].model.temperature, seen[0].distill.method) == ("nce", 0.1, "mtt-vl")
+    assert (seen[1].distill.loss, seen[1].model.temperature) == ("wbce", 0.07)
+
+
+def test_reference_protocol_equals_a_transcription_of_the_reference_loop():
+    """evaluate.protocol=reference against the reference's evaluation loop (spec 7) written out: one SGD for all
+    phases at the last phase's live lrs, MultiStepLR(Epoch // 2 + 1) stepped per epoch across the phases,
+    Epoch + 1 epochs per phase with test recall after epochs 0, 10, ..., Epoch (here 0, 2, 4), the untrained
+    student a candidate, the best test r_mean selected."""
+    from mmdistill.losses import LOSSES
+    from mmdistill.metrics import retrieval_metrics
+    from mmdistill.model import GROUPS
+    from mmdistill.utils import derive_seed, generator
+
+    epochs, batch = 4, 8
+    cfg = make_cfg("evaluate.protocol=reference", f"evaluate.epochs={epochs}", "evaluate.eval_every=2",
+                   f"evaluate.lr_milestones=[{epochs // 2}]", f"evaluate.batch_size={batch}")
+    bundle = make_bundle()
+    phases = [real_phase(bundle, torch.arange(10), lr=0.05), real_phase(bundle, torch.arange(10, 22), lr=0.02)]
+    for phase, live in zip(phases, ([0.5, 0.4], [0.3, 0.2])):  # EMA lrs differ from the live ones
+        phase["lr_img_live"], phase["lr_txt_live"] = torch.tensor([live[0]]), torch.tensor([live[1]])
+    seed = 3
+    result = train_and_test(cfg, bundle, phases, seed=seed)
+
+    model = build_model(cfg.model, text_dim=TEXT_DIM, image_size=cfg.data.image_size, seed=seed, device="cpu")
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.SGD([{"params": [named[n] for n in model.layouts[g].names], "lr": lr}
+                                 for g, lr in zip(GROUPS, (0.3, 0.2))], lr=0, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2 + 1], gamma=0.1)
+    gen = generator(seed, "eval-batches")
+    test = bundle.splits["test"]
+
+    def test_r_mean():
+        model.eval()
+        with torch.no_grad():
+            sim = model.similarity(model.encode_image(bundle.features["test"]), model.encode_text(bundle.texts["test"]))
+        model.train()
+        return retrieval_metrics(sim, test.img2txt, test.txt2img)["r_mean"]
+
+    torch.manual_seed(derive_seed(seed, "eval-dropout"))
+    best = test_r_mean()
+    for phase in phases:
+        images, texts = phase["images"], phase["texts"]
+        for ep in range(epochs + 1):
+            for _ in range(math.ceil(len(texts) / batch)):
+                index = torch.randperm(len(texts), generator=gen)[:batch]
+                loss = LOSSES["wbce"](model(images[index], texts[index]), torch.eye(len(index)))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if ep % 2 == 0 or ep == epochs:
+                best = max(best, test_r_mean())
+            scheduler.step()
+    assert result["test"]["r_mean"] == pytest.approx(best, rel=1e-6)
+    assert not result["diverged"] and result["test"]["r_mean"] > 0

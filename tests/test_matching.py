@@ -10,7 +10,7 @@ from mmdistill.encoders import ConvNet
 from mmdistill.losses import LOSSES
 from mmdistill.matching import InnerPlan, matching_gradient
 from mmdistill.model import DualEncoder
-from mmdistill.similarity import init_similarity
+from mmdistill.similarity import init_similarity, similarity_block
 
 N, TEXT_DIM, PX = 12, 6, 8
 
@@ -65,7 +65,7 @@ def relative_error(grads, reference):
                                               ("lowrank", "feature", False)])
 def test_exact_equals_unroll_with_detached_parameter_path(kind, space, merge):
     setup, inner = problem(kind=kind, space=space), plan()
-    loss, exact = gradient(setup, inner, "exact", kind, merge_branches=merge)
+    loss, exact = gradient(setup, inner, "tesla", kind, merge_branches=merge)
     loss_unroll, unroll = gradient(setup, inner, "unroll", kind, merge_branches=merge, detach_inner=True)
     assert loss == pytest.approx(loss_unroll, rel=1e-12)
     assert {"images", "texts", "lr_img", "lr_txt"} <= exact.keys()
@@ -78,7 +78,7 @@ def test_fd_matches_exact(dtype, tolerance, kind):
     """Measured: ~8e-7 in float64 and ~8e-4 in float32 (without frozen ReLU pieces float32 was off by 7x)."""
     setup, inner = problem(dtype, kind), plan()
     loss_fd, fd = gradient(setup, inner, "fd", kind)
-    loss_exact, exact = gradient(setup, inner, "exact", kind)
+    loss_exact, exact = gradient(setup, inner, "tesla", kind)
     assert loss_fd == loss_exact
     assert relative_error(fd, exact) < tolerance
 
@@ -87,21 +87,21 @@ def test_fd_holds_relu6_and_inplace_relu_on_their_pieces():
     setup = problem(torch.float32, encoder=ClampNet())
     setup[1]["images"] *= 20  # push pre-activations past ReLU6's upper kink too
     _, fd = gradient(setup, plan(), "fd")
-    _, exact = gradient(setup, plan(), "exact")
+    _, exact = gradient(setup, plan(), "tesla")
     assert relative_error(fd, exact) < 1e-2
     assert setup[0].image_encoder[1].inplace  # restored after the replay
 
 
 def test_dropout_masks_are_replayed():
     setup = problem(dropout=0.3)
-    _, exact = gradient(setup, plan(), "exact")
+    _, exact = gradient(setup, plan(), "tesla")
     _, unroll = gradient(setup, plan(), "unroll", detach_inner=True)
     _, fd = gradient(setup, plan(), "fd")
     assert relative_error(exact, unroll) < 1e-6
     assert relative_error(fd, exact) < 1e-5
     other_masks = plan()
     other_masks.seeds = [s + 1 for s in other_masks.seeds]
-    _, other = gradient(setup, other_masks, "exact")
+    _, other = gradient(setup, other_masks, "tesla")
     assert relative_error(other, exact) > 1e-3  # dropout is live: other masks, other gradient
 
 
@@ -113,12 +113,12 @@ def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
     seen, logits_at = [], model.logits_at
     monkeypatch.setattr(model, "logits_at",
                         lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend))
-    _, exact = gradient(setup, inner, "exact")
+    _, exact = gradient(setup, inner, "tesla")
     assert seen == inner.blends * 2  # pass 1, then the replay: the same (lam, perm) objects, step by step
     seen.clear()
     _, unroll = gradient(setup, inner, "unroll", detach_inner=True)
     assert relative_error(exact, unroll) < 1e-6
-    _, unblended = gradient(setup, plan(), "exact")
+    _, unblended = gradient(setup, plan(), "tesla")
     assert relative_error(unblended, exact) > 1e-3
 
 
@@ -138,7 +138,7 @@ def test_unroll_is_the_derivative_of_the_matching_loss():
     numeric = (loss_at(1) - loss_at(-1)) / (2 * h)
     analytic = sum((grads[k] * direction[k]).sum().item() for k in syn)
     assert analytic == pytest.approx(numeric, rel=1e-5)
-    _, exact = gradient(setup, inner, "exact", "lowrank")
+    _, exact = gradient(setup, inner, "tesla", "lowrank")
     assert relative_error(exact, grads) > 1e-3  # unroll keeps the parameter path that exact drops
 
 
@@ -173,7 +173,7 @@ class _Box:
         self.tensor = tensor
 
 
-@pytest.mark.parametrize("mode,flat", [("fd", True), ("exact", True), ("unroll", False)])
+@pytest.mark.parametrize("mode,flat", [("fd", True), ("tesla", True), ("unroll", False)])
 def test_memory_does_not_grow_with_steps(mode, flat):
     setup = problem()
     peaks = []
@@ -187,10 +187,15 @@ def test_memory_does_not_grow_with_steps(mode, flat):
         assert peaks[1] > 3 * peaks[0]
 
 
-def test_plan_slices_a_permutation_and_redraws_when_exhausted():
+def test_plan_slices_a_permutation_and_reshuffles_instead_of_a_short_remainder():
+    """10 pairs in batches of 4: two full slices per permutation, then a fresh one (the remainder of 2 used to be
+    a step of its own, on a batch whose loss is on another scale)."""
     inner = InnerPlan.draw(10, 5, 4, torch.Generator().manual_seed(0))
-    assert [len(b) for b in inner.batches] == [4, 4, 2, 4, 4]
-    assert sorted(torch.cat(inner.batches[:3]).tolist()) == list(range(10))
+    assert [len(b) for b in inner.batches] == [4, 4, 4, 4, 4]
+    gen = torch.Generator().manual_seed(0)
+    first, second, third = (torch.randperm(10, generator=gen) for _ in range(3))
+    expected = [first[:4], first[4:8], second[:4], second[4:8], third[:4]]
+    assert all(torch.equal(b, e) for b, e in zip(inner.batches, expected))
     assert len(set(inner.seeds)) == 5 and inner.blends == [None] * 5
 
 
@@ -205,3 +210,35 @@ def test_matching_loss_decreases_under_sgd():
         syn = {k: v - rates[k] * grads[k] for k, v in syn.items()}
     assert losses[-1] < 0.9 * losses[0]
     assert all(b < a for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("mode", ["tesla", "unroll"])
+def test_merged_branches_merge_the_data_gradient_but_not_the_lr_gradients(mode):
+    """LoRS's --merge_loss_branches: images, texts and S follow the merged loss; each lr the gradient of its own
+    branch's term, d/dalpha_m ||theta_0 - alpha_m G_m - theta*||^2 / D_m = -2 (theta_N - theta*) . G_m / D_m."""
+    setup, inner = problem(kind="full"), plan()
+    detach = {"detach_inner": True} if mode == "unroll" else {}  # TESLA's G: the parameter path cut
+    _, merged = gradient(setup, inner, mode, merge_branches=True, **detach)
+    _, separate = gradient(setup, inner, mode, merge_branches=False, **detach)
+    if mode == "unroll":  # the true gradient: the lrs too follow their own branch
+        _, merged_true = gradient(setup, inner, mode, merge_branches=True)
+        _, separate_true = gradient(setup, inner, mode, merge_branches=False)
+        for key in ("lr_img", "lr_txt"):
+            assert merged_true[key].item() == pytest.approx(separate_true[key].item(), rel=1e-10)
+    model, syn, start, target = setup
+    # the transcription: G_m by hand, with plain SGD steps on the same plan (no dropout in this student)
+    theta, total = dict(start), {m: torch.zeros_like(t) for m, t in start.items()}
+    alpha = {"img": syn["lr_img"], "txt": syn["lr_txt"]}
+    for i, index in enumerate(inner.batches):
+        point = {m: t.detach().requires_grad_() for m, t in theta.items()}
+        sim = similarity_block("full", {"sim_full": syn["sim_full"]}, index, 1.0)
+        loss = LOSSES["wbce"](model.logits_at(point, syn["images"][index], syn["texts"][index]), sim)
+        grads = torch.autograd.grad(loss, list(point.values()))
+        for m, g in zip(point, grads):
+            total[m] += g
+            theta[m] = theta[m] - alpha[m] * g
+    for m, key in (("img", "lr_img"), ("txt", "lr_txt")):
+        expected = -2 * ((theta[m] - target[m]) * total[m]).sum() / (start[m] - target[m]).square().sum()
+        assert merged[key].item() == pytest.approx(expected.item(), rel=1e-8)
+        assert separate[key].item() == pytest.approx(expected.item(), rel=1e-8)
+    assert relative_error({"images": merged["images"]}, {"images": separate["images"]}) > 1e-3  # data: merged

@@ -43,7 +43,7 @@ def test_load_distilled_reads_a_run(tiny_run):
     assert torch.equal(distilled.similarity(0), distilled.phases[0]["sim_full"])
     assert distilled.lrs[1]["lr_img"] == float(distilled.phases[1]["lr_img"])
     assert distilled.encoders == {"image": "convnet", "text": "minilm"}
-    assert distilled.meta["preset"] == "shapes-tiny" and distilled.meta["format_version"] == "1.0"
+    assert distilled.meta["preset"] == "shapes-tiny" and distilled.meta["format_version"] == "1.1"
     results = json.loads((path / "results.json").read_text())["methods"]["ptm-st"]
     assert distilled.results["r_mean"] == results["r_mean"]
     assert len(distilled.captions[0]) == 10 and isinstance(distilled.captions[0][0]["caption"], str)
@@ -60,7 +60,7 @@ def test_a_newer_major_format_is_refused(tiny_run, tmp_path):
     assert len(load_synthetic(copy)) == 2
     meta = json.loads((copy / "meta.json").read_text())
     (copy / "meta.json").write_text(json.dumps({**meta, "format_version": "2.0"}))
-    with pytest.raises(UserError, match=r"format 2\.0, newer than the 1\.0 this mmdistill reads; upgrade"):
+    with pytest.raises(UserError, match=r"format 2\.0, newer than the 1\.1 this mmdistill reads; upgrade"):
         load_distilled(copy)
 
 

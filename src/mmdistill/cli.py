@@ -73,7 +73,7 @@ def cmd_experts(args):
     with _tracked(args):
         from .experts import train_experts
 
-        train_experts(cfg, Path(args.out))
+        train_experts(cfg, Path(args.out), restart=args.restart)
 
 
 def cmd_experts_import(args):
@@ -93,7 +93,7 @@ def cmd_distill(args):
     with _tracked(args):
         from .distill import distill
 
-        distill(cfg, Path(args.experts), Path(args.out), resume=args.resume)
+        distill(cfg, Path(args.experts), Path(args.out), resume=args.resume, restart=args.restart)
 
 
 def cmd_evaluate(args):
@@ -124,7 +124,7 @@ def cmd_run(args):
     with _tracked(args):
         from .pipeline import run
 
-        run(cfg, Path(args.out), resume=args.resume)
+        run(cfg, Path(args.out), resume=args.resume, restart=args.restart)
 
 
 def cmd_demo(args):
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("experts", "train expert trajectories (torchrun shards them over ranks)", cmd_experts)
     experts_sub = p.add_subparsers(dest="experts_command", metavar="[import]")
     _common(p, out_required=False)
+    p.add_argument("--restart", action="store_true", help="retrain the experts in OUT made with other settings"
+                   " (without it they are refused, naming the keys that differ)")
     q = experts_sub.add_parser("import", help="import published reference-format replay buffers")
     q.add_argument("--from", dest="source", required=True, help="folder with {img,txt}_replay_buffer_N.pt")
     q.add_argument("--format", default="reference", choices=["reference"], help="layout of the files (reference)")
@@ -233,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("distill", "distil the phases of a preset from expert trajectories", cmd_distill)
     _common(p, out_required=True)
     p.add_argument("--experts", required=True, help="expert folder (from `mmdistill experts`)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoints (refused if a key that shapes the distilled data changed)")
+    again.add_argument("--restart", action="store_true", help="discard what an earlier distillation left in OUT")
 
     p = command("evaluate", "train fresh students on synthetic phases and report retrieval recall", cmd_evaluate)
     _common(p, out_required=True)
@@ -257,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "prepare -> experts -> distill -> evaluate -> report", cmd_run)
     _common(p, out_required=True)
-    p.add_argument("--resume", action="store_true", help="continue unfinished stages from their files")
+    p.add_argument("--resume", action="store_true", help="continue unfinished stages from their files (refused for"
+                   " experts or a distillation made with other settings)")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: redo the experts and distillations whose settings changed")
 
     p = command("demo", "the embedded default end to end (shapes-100), with a summary table", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -9,6 +9,7 @@ checks do), so such errors come back in a fraction of a second.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +22,8 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from .errors import UserError
 
+
+logger = logging.getLogger(__name__)
 
 AUTO = "auto"  # a setting measured from the data and the experts at run time
 
@@ -85,6 +88,8 @@ class PhaseConfig:
     iterations: int = 2000
     start_epochs: List[int] = field(default_factory=lambda: [0, 2])  # [min, max): start snapshot drawn here
     shortcut_end: Optional[int] = None  # match the shortcut trajectory 0..t_p (inclusive); None = plain expert
+    sim_rank: Optional[int] = None  # rank of a low-rank S in this phase (the reference's per-phase list); None:
+    # distill.sim_rank
 
 
 @dataclass
@@ -123,7 +128,10 @@ class DistillConfig:
     momentum: float = 0.5
     space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
     init: str = "real"  # real | noise
-    gradient: str = "fd"  # fd (fast constant-memory) | exact (constant-memory, double backward) | unroll
+    # fd (TESLA's gradient by a finite-difference Hessian-vector product, fast) | tesla (TESLA's gradient by a
+    # double backward) | unroll (the true gradient through the whole inner loop, memory grows with syn_steps).
+    # TESLA's gradient drops the path through the student's parameters (spec 5.4); `exact` is tesla's old name.
+    gradient: str = "fd"
     merge_loss_branches: bool = False
     trajectories_per_iter: int = 1
     checkpoint_every: int = 50
@@ -163,6 +171,11 @@ class Config:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Per-method settings of this preset: {method: {dotted config key: value}}, applied over the preset whenever
+    # that method runs (chosen with distill.method, or run beside it by bench quality), before the user's --set.
+    # The paper presets keep each method's published numbers here (LoRS's table for lors, MTT-VL's for mtt-vl);
+    # `--set methods.lors.distill.lr_images=50` overrides one of them.
+    methods: Dict[str, Any] = field(default_factory=dict)
 
 
 # Each method is a set of switches on the one engine (applied after the preset, before user overrides).
@@ -195,12 +208,15 @@ CHOICES = {
     "distill.similarity": ("identity", "full", "lowrank"),
     "distill.space": ("pixel", "feature"),
     "distill.init": ("real", "noise"),
-    "distill.gradient": ("fd", "exact", "unroll"),
+    "distill.gradient": ("fd", "tesla", "unroll"),
     "distill.lr_update": ("log-adam", "sgd"),
     "evaluate.lr_schedule": ("per-phase", "global"),
     "evaluate.protocol": ("val", "reference"),
 }
 
+
+# Old names kept for one release: (key, old value) -> new value, with a deprecation message when used.
+DEPRECATED_VALUES = {("distill.gradient", "exact"): "tesla"}
 
 AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")  # float settings that may be auto
 AUTO_FLOATS = {f"distill.{key}" for key in AUTO_KEYS}
@@ -270,8 +286,10 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
                 raise _key_error(cfg, key, "list index out of range in")
             node[index] = value
         else:
-            if _is_open_mapping(node):
+            if key.startswith("data.split_map."):
                 value = value if value is None or isinstance(value, str) else str(value)  # split names are text
+            elif _is_open_mapping(node):
+                pass  # a method's settings block (`methods`): its keys are checked when the method is applied
             elif last not in node:
                 raise _key_error(cfg, key, "unknown config key")
             target = node._get_node(last)
@@ -309,6 +327,9 @@ def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
     """Merge a preset dict key by key so that unknown keys are reported with their dotted name."""
     for k, v in raw.items():
         key = f"{prefix}{k}"
+        if key == "methods":  # merged method by method over the inherited preset's
+            _set_method_block(cfg, key, v)
+            continue
         if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig) and not _is_open_mapping(
                 OmegaConf.select(cfg, key)):
             _merge_preset(cfg, v, f"{key}.")
@@ -401,6 +422,14 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
     method = next((v for k, v, _ in reversed(given) if k == "distill.method"), cfg.distill.method)
     if method not in METHODS:
         raise _choice_error("distill.method", method)
+    # a method's settings block first (it is applied with the method), then everything else over both
+    blocks = [(key, value, origin) for key, value, origin in given if key == "methods" or key.startswith("methods.")]
+    given = [item for item in given if item not in blocks]
+    for key, value, origin in blocks:
+        try:
+            _set_method_block(cfg, key, value)
+        except UserError as err:
+            raise UserError(f"{origin}: {err}" if origin else str(err)) from None
     cfg.distill.method = method
     apply_method(cfg, method)
     for key, value, origin in given:
@@ -411,6 +440,7 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
                 _set(cfg, key, value)
         except UserError as err:
             raise UserError(f"{origin}: {err}" if origin else str(err)) from None
+    _rename_deprecated(cfg, warn=True)
     try:
         validate(cfg)
     except UserError as err:
@@ -418,6 +448,17 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
         raise UserError(f"{err} (config file {config_file})" if config_file is not None else str(err)) from None
     _check_device(cfg.device)
     return cfg
+
+
+def _rename_deprecated(cfg: DictConfig, warn: bool) -> None:
+    """Replace the old names of DEPRECATED_VALUES by the new ones, saying so when the user wrote them."""
+    for (key, old), new in DEPRECATED_VALUES.items():
+        if OmegaConf.select(cfg, key) == old:
+            if warn:
+                logger.warning("%s=%s is deprecated and will be removed in the next release: it is now called %s"
+                               " (TESLA's gradient, which drops the path through the student's parameters)",
+                               key, old, new)
+            OmegaConf.update(cfg, key, new, merge=False)
 
 
 def _check_device(name: str) -> None:
@@ -440,11 +481,54 @@ def _check_device(name: str) -> None:
         raise UserError(f"bad value {name!r} for 'device': MPS is not available on this machine")
 
 
+def _set_method_block(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set `methods` or a key inside it (`methods.lors.distill.lr_images`), merging into what the preset has."""
+    blocks = OmegaConf.to_container(cfg.methods)
+    if key == "methods":
+        if not isinstance(value, dict):
+            raise UserError(f"bad value {value!r} for 'methods': a mapping of method names to their settings")
+        for name, settings in value.items():
+            blocks[name] = {**_method_settings(blocks.get(name) or {}), **_method_settings(settings or {})}
+    else:
+        parts = key.split(".")
+        if len(parts) < 3:
+            raise UserError(f"bad key {key!r}: expected methods.<method>.<config key>=value")
+        name, inner = parts[1], ".".join(parts[2:])
+        settings = _method_settings(value) if isinstance(value, dict) else {"": value}
+        blocks[name] = {**_method_settings(blocks.get(name) or {}),
+                        **{f"{inner}.{k}" if k else inner: v for k, v in settings.items()}}
+    cfg.methods = blocks
+
+
+def _method_settings(raw: dict) -> dict[str, Any]:
+    """A preset's block for one method as {dotted key: value}; a `distill.phases` list stays whole."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for inner, leaf in _method_settings(value).items():
+                flat[f"{key}.{inner}"] = leaf
+        else:
+            flat[key] = value
+    return flat
+
+
 def apply_method(cfg: DictConfig, method: str) -> DictConfig:
-    """Switch `cfg` (in place) to one of METHODS: the same engine, other switches."""
+    """Switch `cfg` (in place) to one of METHODS: the same engine, other switches, then the preset's settings
+    for that method (`methods.<method>`)."""
     cfg.distill.method = method
     for key, value in METHODS[method].items():
         _set(cfg, f"distill.{key}", value)
+    block = cfg.methods.get(method)
+    for key, value in _method_settings(OmegaConf.to_container(block) if block is not None else {}).items():
+        if key.startswith("methods") or key == "distill.method":
+            raise UserError(f"bad key 'methods.{method}.{key}': a method's settings cannot change the method")
+        try:
+            if key == "distill.phases":
+                _merge_preset(cfg, {"distill": {"phases": value}})
+            else:
+                _set(cfg, key, value)
+        except UserError as err:
+            raise UserError(f"{err} (in methods.{method})") from None
     return cfg
 
 
@@ -515,6 +599,9 @@ def validate(cfg: DictConfig) -> None:
         if lo_hi[1] - 1 + _least_expert_epochs(cfg) > end:
             raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
                             f" within snapshot {end}")
+    for name in cfg.methods:
+        if name not in METHODS:
+            raise _key_error(cfg, f"methods.{name}", "unknown method in")
     for name in cfg.data.split_map:
         if name not in ("train", "validation", "test"):
             raise UserError(f"unknown config key 'data.split_map.{name}': map train, validation or test to the"
@@ -545,7 +632,31 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def from_dict(raw: dict) -> DictConfig:
-    """Rebuild a validated config saved with `to_dict` (e.g. from meta.json)."""
+    """Rebuild a validated config saved with `to_dict` (e.g. from meta.json); a run saved under an old name of a
+    value reads as the new name."""
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    _rename_deprecated(cfg, warn=False)
     validate(cfg)
     return cfg
+
+
+def flat_keys(raw, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (lists included) as {dotted key: leaf value}, e.g. {'distill.phases.0.pairs': 100}."""
+    if isinstance(raw, dict):
+        items = raw.items()
+    elif isinstance(raw, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in raw):
+        items = enumerate(raw)
+    else:
+        return {prefix.rstrip("."): raw}
+    flat = {}
+    for key, value in items:
+        flat.update(flat_keys(value, f"{prefix}{key}."))
+    return flat
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> str:
+    """'key: old -> new, ...' for the dotted keys whose values differ (at most `limit`, then how many more)."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    shown = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more

@@ -35,7 +35,7 @@ from torch.optim import SGD
 from . import __version__, distributed
 from .calibrate import DATA_KEYS, calibrate, expert_epochs_for
 from .collapse import CollapseWatch, no_move_loss
-from .config import AUTO, PhaseConfig, from_dict, to_dict
+from .config import AUTO, PhaseConfig, changed_keys, flat_keys, from_dict, to_dict
 from .coresets import random_pairs
 from .errors import UserError
 from .io import append_jsonl, atomic_path, folder_lock, load_torch, save_torch
@@ -43,7 +43,7 @@ from .losses import LOSSES
 from .matching import LR_KEYS, InnerPlan, matching_gradient
 from .model import build_bench_model, build_model
 from .similarity import init_similarity
-from .synthetic import load_phase, phase_metadata, write_captions, write_meta, write_phase
+from .synthetic import LIVE_LRS, load_phase, phase_metadata, write_captions, write_meta, write_phase
 from .trajectory import matching_pair
 from .tracking import log_scalars
 from .utils import derive_seed, digest, generator, progress_bar, resolve_device
@@ -66,7 +66,8 @@ def plan_phases(cfg) -> list[PhaseConfig]:
         phases = [PhaseConfig(pairs=sum(p.pairs for p in phases), iterations=sum(p.iterations for p in phases),
                               start_epochs=[min(p.start_epochs[0] for p in phases),
                                             max(p.start_epochs[1] for p in phases)],
-                              shortcut_end=None if None in ends else max(ends))]
+                              shortcut_end=None if None in ends else max(ends),
+                              sim_rank=max((p.sim_rank for p in phases if p.sim_rank is not None), default=None))]
     if not dc.use_shortcut:
         phases = [dataclasses.replace(p, shortcut_end=None) for p in phases]
     return phases
@@ -192,11 +193,12 @@ class SyntheticSet:
 class Distiller:
     """The student (built once), the experts and the real data, shared by every phase."""
 
-    def __init__(self, cfg, store, bundle, device: torch.device, key: str | None = None):
-        """`key`: the fingerprint that marks this run's files (that of the config as given, before its auto
-        settings were resolved); by default the fingerprint of `cfg`."""
+    def __init__(self, cfg, store, bundle, device: torch.device, keys: dict | None = None):
+        """`keys`: the distill-determining keys that mark this run's files (those of the config as given, before
+        its auto settings were resolved); by default those of `cfg`."""
         self.cfg, self.store, self.bundle, self.device = cfg, store, bundle, device
-        self.fingerprint = key or fingerprint(cfg)
+        self.config_keys = keys or distill_keys(cfg)
+        self.fingerprint = digest(self.config_keys)
         self.model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size,
                                  seed=derive_seed(cfg.seed, "student"), device=device).train()
         if store.layouts != self.model.layouts:
@@ -218,7 +220,8 @@ class Distiller:
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen)
         lr = torch.tensor([dc.lr_init if dc.lr_init != AUTO else 0.0])
-        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, dc.sim_rank, gen),
+        rank = dc.sim_rank if phase.sim_rank is None else phase.sim_rank
+        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, rank, gen),
                "lr_img": lr, "lr_txt": lr.clone()}
         return {k: v.float().to(self.device) for k, v in syn.items()}
 
@@ -265,9 +268,7 @@ class Distiller:
         state.calibration = calibration
         checkpoint = out / "checkpoints" / f"phase-{p}.pt"
         if resume and checkpoint.exists():
-            saved = _load_checkpoint(checkpoint, state, self.fingerprint)
-            if saved is not None:  # None: another config's checkpoint, start over
-                state.load_checkpoint(saved)
+            state.load_checkpoint(_load_checkpoint(checkpoint, state))
         watch = CollapseWatch(no_move_loss(dc), calibration.lr_init, phase.iterations)
         if main:  # the rank that writes the history and the phase file keeps the watch
             checkpoint.parent.mkdir(exist_ok=True)
@@ -303,7 +304,8 @@ class Distiller:
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
-                    save_torch({**state.checkpoint(), "fingerprint": self.fingerprint}, checkpoint)
+                    save_torch({**state.checkpoint(), "fingerprint": self.fingerprint,
+                                "config_keys": self.config_keys}, checkpoint)
             bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}",
                             **({"status": "COLLAPSED"} if watch.collapse else {}))
             bar.update(1)
@@ -332,13 +334,16 @@ class Distiller:
         metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
                     "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
                     "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
+                    "config_keys": self.config_keys,
                     "calibration": state.calibration.to_json(), "collapse": state.collapse}
-        write_phase(path, state.ema, metadata)
+        live = {LIVE_LRS[key]: state.syn[key].detach() for key in LR_KEYS.values()}  # the reference evaluates with them
+        write_phase(path, {**state.ema, **live}, metadata)
 
 
-def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None:
+def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False, restart: bool = False) -> None:
     """Distil every phase of `cfg` into `out_dir`; with `resume`, finished phases are kept and a running phase
-    continues from its checkpoint."""
+    continues from its checkpoint (refused when they were made with other distill-determining keys); with
+    `restart`, whatever an earlier distillation left in `out_dir` is discarded."""
     from .experts import ExpertStore
     from .prepare import prepare
 
@@ -348,10 +353,13 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
         phases = plan_phases(cfg)
         with distributed.main_first():  # rank 0 builds the feature cache and owns the output folder
             bundle = prepare(cfg, verbose=distributed.is_main())
-            key = fingerprint(cfg)  # of the config as given: its auto settings are resolved below
+            keys = distill_keys(cfg)  # of the config as given: its auto settings are resolved below
+            key = digest(keys)
             if distributed.is_main():
                 held.enter_context(folder_lock(out))
-                _clear_stale(out, len(phases), key, resume)
+                if not restart:
+                    _check_earlier_run(out, len(phases), key, keys, resume)
+                _clear_stale(out, len(phases), key, resume and not restart)
         cfg, expert_epochs = resolve_expert_epochs(cfg, bundle)
         if distributed.is_main():
             logger.info("expert_epochs = %d (%s)", expert_epochs["value"], expert_epochs["reason"])
@@ -359,11 +367,11 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False) -> None
         if needed > store.epochs:
             raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
                             f" epochs 0..{store.epochs}")
-        distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), key)
+        distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), keys)
         for p, phase in enumerate(phases):
-            if resume and (out / f"phase-{p}.safetensors").exists():  # _clear_stale kept only this config's
+            if resume and not restart and (out / f"phase-{p}.safetensors").exists():  # checked: this config's
                 continue
-            state = distiller.run_phase(p, phase, out, resume)
+            state = distiller.run_phase(p, phase, out, resume and not restart)
             if distributed.is_main():
                 distiller.save_phase(p, phase, state, out)
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
@@ -378,20 +386,54 @@ def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
     return OmegaConf.merge(cfg, {"distill": {"expert_epochs": value}}), {"value": value, "reason": reason}
 
 
-def fingerprint(cfg) -> str:
-    """Hash of the config minus where it runs: a checkpoint or phase file is reused only by the same config."""
-    raw = to_dict(cfg)
-    raw.pop("device")
-    raw.pop("cache_dir")
-    return digest(raw)
+# Keys that do not change the distilled data: names, where it runs, how often it saves, how many failures it
+# tolerates and how the result is evaluated. A resume after changing one of them continues where it stopped.
+# `methods.*` is the other methods' settings (this method's are already applied to distill.*).
+NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate", "methods",
+                    "distill.checkpoint_every", "distill.snapshot_every", "distill.max_retries")
 
 
-def _load_checkpoint(path: Path, state: SyntheticSet, expected: str) -> dict | None:
-    """This config's checkpoint (None for another config's), with every entry `state.load_checkpoint` reads, its
-    tensors finite and shaped like `state`'s."""
+def distill_keys(cfg) -> dict:
+    """The dotted config keys that determine the distilled data, with their values: a checkpoint or phase file
+    is reused only under the same ones (their digest marks the files), and a refused resume lists those that
+    differ."""
+    return {k: v for k, v in flat_keys(to_dict(cfg)).items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_DISTILL_KEYS)}
+
+
+def _check_earlier_run(out: Path, count: int, key: str, keys: dict, resume: bool) -> None:
+    """Refuse to throw away an earlier distillation in `out` without being told to (`restart`).
+
+    Without `resume`, an unfinished one (a checkpoint, or phase files without meta.json) is refused. With it,
+    every checkpoint and phase file must come from the same distill-determining keys; the error lists those that
+    differ. A finished run without `resume` is overwritten: that is what distilling into its folder asks for."""
+    checkpoints = sorted((out / "checkpoints").glob("phase-*.pt"))
+    phases = [out / f"phase-{p}.safetensors" for p in range(count) if (out / f"phase-{p}.safetensors").exists()]
+    if not resume:
+        if checkpoints or (phases and not (out / "meta.json").exists()):
+            raise UserError(f"{out} holds an unfinished distillation; continue it with --resume, or discard it with"
+                            " --restart")
+        return
+    for path in checkpoints:
+        saved = load_torch(path, "checkpoint")
+        if isinstance(saved, dict) and saved.get("fingerprint") not in (key, None):
+            raise _resume_refused(path, saved.get("config_keys"), keys)
+    for path in phases:
+        saved = phase_metadata(path)
+        if saved.get("fingerprint") != key:
+            raise _resume_refused(path, saved.get("config_keys"), keys)
+
+
+def _resume_refused(path: Path, saved_keys: dict | None, keys: dict) -> UserError:
+    differ = changed_keys(saved_keys, keys) if isinstance(saved_keys, dict) else "not recorded in this older file"
+    return UserError(f"cannot resume: {path} was distilled with other settings ({differ}); undo the change, or"
+                     " start over with --restart")
+
+
+def _load_checkpoint(path: Path, state: SyntheticSet) -> dict:
+    """The checkpoint (`_check_earlier_run` has matched its fingerprint), with every entry `state.load_checkpoint`
+    reads, its tensors finite and shaped like `state`'s."""
     saved = load_torch(path, "checkpoint")
-    if isinstance(saved, dict) and saved.get("fingerprint") not in (expected, None):
-        return None
     try:
         tensors = [v for part in ("syn", "ema") for v in saved[part].values()]
         complete = {"iteration", "optimizer", "lr_factor", "recoveries", "fingerprint"} <= set(saved)
@@ -598,11 +640,11 @@ def _memory_growth(cfg, syn_steps: int, mode: str) -> float:
 
 
 def bench_iteration(cfg, repeats: int = 5) -> dict:
-    """Seconds per distillation iteration (default gradient mode, and exact) against syn_steps plain training
+    """Seconds per distillation iteration (default gradient mode, and tesla) against syn_steps plain training
     steps of the same student, measured interleaved in one process (medians); memory at syn_steps 5 vs 20."""
     dc = cfg.distill
     iteration, plain, device = _bench_setup(cfg, dc.syn_steps)
-    runs = {"plain": plain, dc.gradient: lambda: iteration(dc.gradient), "exact": lambda: iteration("exact")}
+    runs = {"plain": plain, dc.gradient: lambda: iteration(dc.gradient), "tesla": lambda: iteration("tesla")}
     for run in runs.values():  # warm-up
         run()
     times = {name: [] for name in runs}
@@ -619,8 +661,8 @@ def bench_iteration(cfg, repeats: int = 5) -> dict:
     result = {"device": str(device), "threads": torch.get_num_threads(), "gradient": dc.gradient,
               "syn_steps": dc.syn_steps, "mini_batch_size": dc.mini_batch_size, "pairs": dc.phases[0].pairs,
               "seconds_per_iteration": seconds[dc.gradient], "seconds_plain_steps": seconds["plain"],
-              "ratio": seconds[dc.gradient] / seconds["plain"], "seconds_per_iteration_exact": seconds["exact"],
-              "ratio_exact": seconds["exact"] / seconds["plain"]}
+              "ratio": seconds[dc.gradient] / seconds["plain"], "seconds_per_iteration_tesla": seconds["tesla"],
+              "ratio_tesla": seconds["tesla"] / seconds["plain"]}
     for mode in (dc.gradient, "unroll"):
         growth = {steps: _memory_growth(cfg, steps, mode) for steps in (5, 20)}
         suffix = "" if mode == dc.gradient else f"_{mode}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import statistics
 import time
@@ -32,8 +33,11 @@ from .metrics import retrieval_metrics
 from .model import GROUPS, DualEncoder, build_model
 from .prepare import Prepared, prepare
 from .similarity import similarity_block
+from .synthetic import live_lrs
 from .tracking import log_table
 from .utils import derive_seed, generator, resolve_device
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
@@ -145,22 +149,52 @@ def _check_phases(cfg, phases: list[dict], encoder_name: str, cross: bool) -> No
             raise UserError(f"phase {p} holds image features, which need model.image_trainable=false")
 
 
-def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int, checkpoints: _Checkpoints,
-                 gen: torch.Generator, device) -> bool:
-    """Train the student on one synthetic set; False when it diverged (then it stops at once)."""
-    ev = cfg.evaluate
-    lrs = [float(phase["lr_img"]), float(phase["lr_txt"])]
-    if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):  # a learned lr can go negative (spec 5.6)
-        return False
-    images = _student_inputs(model, bundle, phase["images"], device).to(device)
-    texts = phase["texts"].to(device)
-    kind, alpha = phase.get("similarity", "identity"), float(phase.get("sim_alpha", 1.0))
-    sim_params = {k: v for k, v in phase.items() if k.startswith("sim_") and torch.is_tensor(v)}
-    loss_fn = LOSSES[cfg.distill.loss]
+def _optimizer(cfg, model: DualEncoder, lrs: list[float]) -> SGD | None:
+    """SGD over the student's two groups at `lrs` (image side, text projection); None for an lr that is not a
+    finite number >= 0 (a learned lr can go negative, spec 5.6): such a student has diverged before it starts."""
+    if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
+        return None
     named = dict(model.named_parameters())
     groups = [[named[n] for n in model.layouts[g].names] for g in GROUPS]  # 'img' includes the image projection
-    optimizer = SGD([{"params": params, "lr": lr} for params, lr in zip(groups, lrs)],
-                    momentum=ev.momentum, weight_decay=ev.weight_decay)
+    return SGD([{"params": params, "lr": lr} for params, lr in zip(groups, lrs)],
+               momentum=cfg.evaluate.momentum, weight_decay=cfg.evaluate.weight_decay)
+
+
+def _epoch(cfg, model: DualEncoder, phase: dict, optimizer: SGD, gen: torch.Generator, device) -> bool:
+    """One epoch on a synthetic set: ceil(N / batch_size) batches, each the first batch_size pairs of a fresh
+    permutation, trained towards S[B, B]; False when the loss is not finite."""
+    images, texts = phase["student_images"], phase["student_texts"]
+    kind, alpha = phase.get("similarity", "identity"), float(phase.get("sim_alpha", 1.0))
+    sim_params = {k: v for k, v in phase.items() if k.startswith("sim_") and torch.is_tensor(v)}
+    batch_size, loss_fn = cfg.evaluate.batch_size, LOSSES[cfg.distill.loss]
+    for _ in range(math.ceil(len(texts) / batch_size)):
+        index = torch.randperm(len(texts), generator=gen)[:batch_size]
+        target = similarity_block(kind, sim_params, index, alpha).to(device)
+        loss = loss_fn(model(images[index.to(device)], texts[index.to(device)]), target)
+        if not torch.isfinite(loss):
+            return False
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return True
+
+
+def _with_inputs(model: DualEncoder, bundle: Prepared, phase: dict, device) -> dict:
+    """The phase with its images and texts as the student eats them, on the device."""
+    return {**phase, "student_images": _student_inputs(model, bundle, phase["images"], device).to(device),
+            "student_texts": phase["texts"].to(device)}
+
+
+def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int, checkpoints: _Checkpoints,
+                 gen: torch.Generator, device) -> bool:
+    """Train the student on one synthetic set with its own (EMA) lrs and a fresh optimizer; False when it
+    diverged (then it stops at once)."""
+    ev = cfg.evaluate
+    lrs = [float(phase["lr_img"]), float(phase["lr_txt"])]
+    optimizer = _optimizer(cfg, model, lrs)
+    if optimizer is None:
+        return False
+    phase = _with_inputs(model, bundle, phase, device)
     milestones = sorted(ev.lr_milestones)
     model.train()
     for epoch in range(1, ev.epochs + 1):
@@ -168,17 +202,44 @@ def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int,
         scheduled = epoch - 1 if ev.lr_schedule == "per-phase" else p * ev.epochs + epoch - 1
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr * 0.1 ** bisect.bisect_right(milestones, scheduled)
-        for _ in range(math.ceil(len(texts) / ev.batch_size)):
-            index = torch.randperm(len(texts), generator=gen)[:ev.batch_size]
-            target = similarity_block(kind, sim_params, index, alpha).to(device)
-            loss = loss_fn(model(images[index.to(device)], texts[index.to(device)]), target)
-            if not torch.isfinite(loss):
-                return False
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        if not _epoch(cfg, model, phase, optimizer, gen, device):
+            return False
         if (epoch % ev.eval_every == 0 or epoch == ev.epochs) and not checkpoints.check(p, epoch):
             return False
+    return True
+
+
+def _train_reference(cfg, model: DualEncoder, bundle: Prepared, phases: list[dict], checkpoints: _Checkpoints,
+                     gen: torch.Generator, device) -> bool:
+    """The reference's evaluation loop (`evaluate_synset_PTM`, spec 7), for `evaluate.protocol=reference`.
+
+    One optimizer for all phases, at the live lrs of the last phase (its distillation's final lrs, not their
+    EMA); epochs+1 epochs per phase (0..epochs), each trained, then scored on test at epochs 0, eval_every, ...,
+    epochs; the lr schedule is stepped once per epoch across the phases, each milestone one epoch later than in
+    the default protocol (the reference's MultiStepLR(Epoch // 2 + 1): with the default [50], 51), so later
+    phases run at 0.1x. The untrained student is a candidate too (`_train_student` scores it first), and the
+    best test score is selected. Returns False when the student diverged."""
+    ev = cfg.evaluate
+    lrs, live = live_lrs(phases[-1])
+    if not live:
+        logger.warning("the distilled set carries no live lrs (written before format 1.1, or by another code"
+                       " base): the reference protocol trains with its saved lrs %s", lrs)
+    optimizer = _optimizer(cfg, model, lrs)
+    if optimizer is None:
+        return False
+    milestones = sorted(m + 1 for m in ev.lr_milestones)
+    steps = 0  # scheduler steps so far, across the phases
+    model.train()
+    for p, phase in enumerate(phases):
+        phase = _with_inputs(model, bundle, phase, device)
+        for epoch in range(ev.epochs + 1):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr * 0.1 ** bisect.bisect_right(milestones, steps)
+            if not _epoch(cfg, model, phase, optimizer, gen, device):
+                return False
+            if (epoch % ev.eval_every == 0 or epoch == ev.epochs) and not checkpoints.check(p, epoch + 1):
+                return False
+            steps += 1
     return True
 
 
@@ -211,10 +272,13 @@ def _train_student(cfg, bundle: Prepared, phases: list[dict], seed: int,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(seed, "eval-dropout"))  # dropout draws from the global generator
         checkpoints.check(0, 0)
-        for p, phase in enumerate(phases):
-            if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
-                diverged = True
-                break
+        if cfg.evaluate.protocol == "reference":
+            diverged = not _train_reference(cfg, model, bundle, phases, checkpoints, gen, device)
+        else:
+            for p, phase in enumerate(phases):
+                if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
+                    diverged = True
+                    break
     return model, {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
 
 
@@ -237,6 +301,7 @@ def train_student(distilled, cfg=None, *, seed: int | None = None, device: str |
             raise UserError(f"{distilled.source} carries no mmdistill config: pass cfg, e.g."
                             " mmdistill.config.load_config(PRESET)")
         cfg = from_dict(distilled.meta["config"])
+    cfg = with_run_method(cfg, distilled.meta)
     if device is not None:
         cfg = OmegaConf.merge(cfg, {"device": device})
     bundle = prepare(cfg)
@@ -426,6 +491,32 @@ def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
                                           if phase.get("collapse")]}
 
 
+# What a student trains with that the distillation chose: its method's loss and the student's temperature (the
+# similarity kind and sim_alpha travel in each phase file). A set distilled with LoRS' settings must be scored
+# with them, not with the preset's default method.
+RUN_METHOD_KEYS = ("distill.method", "distill.loss", "distill.similarity", "distill.sim_alpha", "model.temperature")
+
+
+def with_run_method(cfg, meta: dict):
+    """`cfg` with RUN_METHOD_KEYS taken from the config a distilled set records (meta.json); unchanged for a set
+    that records none (another code base's files)."""
+    from omegaconf import OmegaConf
+
+    run = meta.get("config")
+    if not isinstance(run, dict):
+        return cfg
+    run = OmegaConf.create(run)
+    taken = {key: OmegaConf.select(run, key) for key in RUN_METHOD_KEYS if OmegaConf.select(run, key) is not None}
+    changed = {key: value for key, value in taken.items() if OmegaConf.select(cfg, key) != value}
+    if not changed:
+        return cfg
+    logger.info("evaluating with the distilled set's %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+    cfg = OmegaConf.merge(cfg, {})
+    for key, value in changed.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
     """`mmdistill evaluate`: evaluate a distilled set (any layout `synthetic.load_distilled` reads, or another code
     base's with `fmt`) and merge its entry into results.json."""
@@ -433,6 +524,7 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
 
     distilled = load_distilled(synthetic, fmt)
     method = distilled.method
+    cfg = with_run_method(cfg, distilled.meta)
     bundle = prepare(cfg)
     phases = phases_for(distilled, cfg, bundle)
     path = results_path(out_path)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Subset
 
 from . import __version__, distributed
-from .config import to_dict
+from .config import changed_keys, flat_keys, to_dict
 from .errors import UserError
 from .io import append_jsonl, folder_lock, load_torch, save_tensors, save_torch, write_json, write_text
 from .losses import LOSSES
@@ -157,12 +157,22 @@ class ExpertStore:
 
 # ---------------------------------------------------------------------------------------------- training
 
-def config_fingerprint(cfg) -> str:
-    """Hash of everything that shapes an expert: seed, data, model and experts sections (not the count)."""
+def _expert_sections(cfg) -> dict:
+    """Everything that shapes an expert: seed, data, model and experts sections (not experts.count: more
+    experts of the same config are the same experts plus new ones)."""
     raw = to_dict(cfg)
     experts = {k: v for k, v in raw["experts"].items() if k != "count"}
-    key = {"seed": raw["seed"], "data": raw["data"], "model": raw["model"], "experts": experts}
-    return digest(key)
+    return {"seed": raw["seed"], "data": raw["data"], "model": raw["model"], "experts": experts}
+
+
+def expert_keys(cfg) -> dict:
+    """`_expert_sections` as dotted keys with their values (what a refusal compares key by key)."""
+    return flat_keys(_expert_sections(cfg))
+
+
+def config_fingerprint(cfg) -> str:
+    """Hash of `_expert_sections`: an expert file is kept only for the same settings."""
+    return digest(_expert_sections(cfg))
 
 
 def _flip(cfg, bundle) -> bool:
@@ -318,16 +328,25 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
         {g: torch.stack([n[g] for n in norms]) for g in GROUPS},
         model.layouts, ec.dtype,
         {"preset": cfg.name, "seed": cfg.seed, "expert": index, "image_trainable": cfg.model.image_trainable,
-         "fingerprint": config_fingerprint(cfg), "history": json.dumps(history), "test": json.dumps(test)})
+         "fingerprint": config_fingerprint(cfg), "config_keys": json.dumps(expert_keys(cfg)),
+         "history": json.dumps(history), "test": json.dumps(test)})
 
 
-def _is_done(path: Path, fingerprint: str) -> bool:
-    """Whether an expert file exists for this config; one from another config is an error, not overwritten."""
+def _is_done(path: Path, cfg, restart: bool) -> bool:
+    """Whether an expert file exists for this config; one from another config is an error naming the keys that
+    differ, or with `restart` deleted (to be trained again)."""
     if not path.exists():
         return False
-    if read_metadata(path).get("fingerprint") != fingerprint:
-        raise UserError(f"{path} was trained with another config (data/model/experts/seed differ); use a new --out")
-    return True
+    metadata = read_metadata(path)
+    if metadata.get("fingerprint") == config_fingerprint(cfg):
+        return True
+    if restart:
+        path.unlink(missing_ok=True)  # every torchrun rank looks at every file
+        return False
+    saved = json.loads(metadata["config_keys"]) if "config_keys" in metadata else None
+    differ = changed_keys(saved, expert_keys(cfg)) if saved is not None else "not recorded in this older file"
+    raise UserError(f"{path} was trained with other settings ({differ}); undo the change, use a new --out, or"
+                    " retrain with --restart")
 
 
 def _mean_std(values: list[dict]) -> tuple[dict, dict]:
@@ -360,8 +379,9 @@ def summarize(out_dir: Path, count: int) -> dict:
     return summary
 
 
-def train_experts(cfg, out_dir: Path) -> None:
-    """Train `experts.count` experts into `out_dir` (sharded over torchrun ranks); finished experts are kept.
+def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
+    """Train `experts.count` experts into `out_dir` (sharded over torchrun ranks); finished experts of the same
+    settings are kept, those of other settings refused (with `restart`: trained again).
 
     Rank 0 prepares the data first so the others find the feature cache built; rank 0 writes summary.json
     once every rank is done.
@@ -372,8 +392,7 @@ def train_experts(cfg, out_dir: Path) -> None:
     with distributed.process_group(cfg.device) as (rank, world), \
             folder_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
         out_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = config_fingerprint(cfg)
-        todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), fingerprint)]
+        todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), cfg, restart)]
         mine = distributed.shard(todo)
         if world > 1:
             logger.info("rank %d/%d trains experts %s", rank, world, mine)

@@ -24,23 +24,35 @@ def cwcl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1/2 [KL(softmax(10 S) || softmax(Z)) + transpose], element-mean as in the reference."""
-    forward = F.kl_div(F.log_softmax(logits, 1), F.softmax(10 * target, 1), reduction="mean")
-    backward = F.kl_div(F.log_softmax(logits.T, 1), F.softmax(10 * target.T, 1), reduction="mean")
-    return (forward + backward) / 2
+    # reduction="sum" / numel: the element mean that torch's reduction="mean" gives today (and warns about)
+    forward = F.kl_div(F.log_softmax(logits, 1), F.softmax(10 * target, 1), reduction="sum")
+    backward = F.kl_div(F.log_softmax(logits.T, 1), F.softmax(10 * target.T, 1), reduction="sum")
+    return (forward + backward) / (2 * logits.numel())
 
 
-def _elementwise_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    prob = torch.sigmoid(logits).clamp(1e-6, 1 - 1e-6)
-    return -(target * prob.log() + (1 - target) * (1 - prob).log())
+# The reference's BalanceBCE adds this inside the logarithms (spec 6): log(p + eps), log(1 - p + eps).
+WBCE_EPS = 1e-6
+
+
+def _elementwise_wbce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-(S log(p + eps) + (1 - S) log(1 - p + eps)), p = sigmoid(Z), with the epsilon inside the logarithms.
+
+    Clamping p instead (as this module once did) gives every pair whose probability reaches the clamp a zero
+    gradient: at temperature 0.07 that is |cos| > ~0.97, the very pairs the method most needs to move. Here the
+    loss stays smooth; 1 - p is computed as sigmoid(-Z), which is the same number without the cancellation.
+    """
+    return -(target * (torch.sigmoid(logits) + WBCE_EPS).log()
+             + (1 - target) * (torch.sigmoid(-logits) + WBCE_EPS).log())
 
 
 def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return _elementwise_bce(logits, target).mean()
+    """Mean BCE(sigmoid(Z), S), computed from the logits (exact and smooth at any |Z|)."""
+    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def wbce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Balanced BCE: the mean over 'positive' entries (S > 0.5) and over the rest, averaged."""
-    loss = _elementwise_bce(logits, target)
+    loss = _elementwise_wbce(logits, target)
     positive = target > 0.5
     pos = loss[positive].mean() if positive.any() else loss.new_zeros(())
     neg = loss[~positive].mean() if (~positive).any() else loss.new_zeros(())

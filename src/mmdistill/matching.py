@@ -4,9 +4,11 @@ The student starts at an expert snapshot theta_0 and takes N = syn_steps SGD ste
 synthetic set, g_i = grad_theta l(theta_i; X_Bi, T_Bi, S_BiBi), theta_{i+1} = theta_i - alpha sg(g_i), so
 theta_N = theta_0 - alpha G with G = sum_i g_i. The matching loss is
 L = sum_m ||theta_N^m - theta*^m||^2 / D_m, D_m = ||theta_0^m - theta*^m||^2, over the groups m in {img, txt}.
+With `merge_branches` (LoRS) the data's gradient comes from sum_m ||.||^2 / sum_m D_m instead, while each
+student lr still takes the gradient of its own branch's term, as LoRS computes them.
 
 Three modes, one signature:
-- exact: TESLA's constant-memory gradient. dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
+- tesla (called `exact` before): TESLA's constant-memory gradient. dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
   pass 1 runs the loop without graphs (only theta_N and G survive it) and pass 2 replays it from theta_0 and
   backpropagates v . g_i into the step's inputs with a double backward. Nothing per step is stored.
 - fd: pass 2 swaps the double backward for a finite-difference Hessian-vector product,
@@ -46,11 +48,13 @@ class InnerPlan:
     @classmethod
     def draw(cls, n: int, steps: int, batch_size: int, gen: torch.Generator, blend_alpha: float | None = None,
              device: torch.device | str = "cpu") -> "InnerPlan":
-        """Consecutive slices of a random permutation of the n pairs, a new permutation when it runs out."""
+        """Consecutive slices of a random permutation of the n pairs, a new permutation when fewer than
+        `batch_size` are left (as the reference draws them: a short remainder would be a step on a tiny batch,
+        whose loss is on another scale than the others')."""
         batches, chunks = [], []
         for _ in range(steps):
             if not chunks:
-                chunks = list(torch.randperm(n, generator=gen).split(batch_size))
+                chunks = [c for c in torch.randperm(n, generator=gen).split(batch_size) if len(c) == batch_size]
             batches.append(chunks.pop(0))
         seeds = torch.randint(1 << 62, (steps,), generator=gen).tolist()
         blends = [None] * steps
@@ -250,14 +254,17 @@ def matching_gradient(model, syn: dict[str, torch.Tensor], theta_start: dict[str
     loop = InnerLoop(model, syn, plan, loss_fn, sim_kind, sim_alpha)
     if mode == "unroll":
         return _unroll(loop, theta_start, theta_target, merge_branches, detach_inner)
-    if mode not in ("fd", "exact"):
+    if mode not in ("fd", "tesla"):
         raise ValueError(f"unknown gradient mode {mode!r}")
     theta_n, total = loop.run(theta_start)
     theta_n = {m: t.detach().requires_grad_() for m, t in theta_n.items()}
     loss = matching_loss(theta_n, theta_start, theta_target, merge_branches)
     d_theta_n = dict(zip(theta_n, autograd.grad(loss, list(theta_n.values()))))
     v = {m: -loop.alpha[m] * d for m, d in d_theta_n.items()}  # dL/dg_i, the same for every step
-    grads = loop.replay(theta_start, v, exact=mode == "exact", fd_step=FD_STEP[like.dtype])
+    grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=FD_STEP[like.dtype])
+    if merge_branches:  # the lrs always follow their own branch's loss (LoRS merges only the data gradient)
+        branches = matching_loss(theta_n, theta_start, theta_target, merge_branches=False)
+        d_theta_n = dict(zip(theta_n, autograd.grad(branches, list(theta_n.values()))))
     grads.update({LR_KEYS[m]: -(total[m] * d).sum().reshape(loop.alpha[m].shape) for m, d in d_theta_n.items()})
     return loss.item(), grads
 
@@ -272,5 +279,10 @@ def _unroll(loop: InnerLoop, theta_start, theta_target, merge_branches: bool, de
         grads = autograd.grad(loop.loss(i, point, loop.inputs(i, syn)), list(point.values()), create_graph=True)
         theta = sgd_step(theta, grads, alpha)
     loss = matching_loss(theta, theta_start, theta_target, merge_branches)
-    grads = autograd.grad(loss, list(syn.values()), allow_unused=True, materialize_grads=True)
-    return loss.item(), dict(zip(syn, grads))
+    grads = dict(zip(syn, autograd.grad(loss, list(syn.values()), allow_unused=True, materialize_grads=True,
+                                        retain_graph=merge_branches)))
+    if merge_branches:  # the lrs follow their own branch's loss, as in the other modes
+        lrs = [syn[key] for key in LR_KEYS.values()]
+        branches = matching_loss(theta, theta_start, theta_target, merge_branches=False)
+        grads.update(zip(LR_KEYS.values(), autograd.grad(branches, lrs)))
+    return loss.item(), grads

@@ -27,7 +27,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from .config import ABLATION, METHODS, load_config, to_dict, with_method
+from .config import ABLATION, METHODS, changed_keys, flat_keys, load_config, to_dict, with_method
 from .coresets import CORESETS
 from .errors import UserError
 from .io import folder_lock, write_json
@@ -56,9 +56,9 @@ def _remove(path: Path) -> None:
 class Ledger:
     """stages.json: what each stage was computed from, so unchanged stages are reused and stale ones redone."""
 
-    def __init__(self, out: Path, resume: bool = False):
+    def __init__(self, out: Path, resume: bool = False, restart: bool = False):
         self.path = out / "stages.json"
-        self.resume = resume
+        self.resume, self.restart = resume, restart
         try:
             self.records = json.loads(self.path.read_text()) if self.path.exists() else {}
         except json.JSONDecodeError as err:
@@ -70,26 +70,33 @@ class Ledger:
         self.records[key] = record
         write_json(self.records, self.path)
 
-    def stage(self, key: str, inputs, fn: Callable[[bool], object], owns=(), needs=()) -> dict:
+    def stage(self, key: str, inputs, fn: Callable[[bool], object], owns=(), needs=(), precious: bool = False) -> dict:
         """Run `fn(resume)` unless the finished record of `key` was made from the same inputs; return the record.
 
         `owns`: paths deleted before a fresh run; `needs`: files that must exist to reuse the record. The record
-        keeps fn's JSON result and a version that the fingerprints of downstream stages include.
+        keeps fn's JSON result and a version that the fingerprints of downstream stages include. `precious`: a
+        stage too costly to redo unasked (experts, distillation): under `resume` a record made from other inputs
+        is refused, naming the inputs that differ, unless the ledger was opened with `restart`.
         """
         fingerprint = digest(inputs)
         old = self.records.get(key, {})
         same = old.get("fingerprint") == fingerprint
         start = time.perf_counter()
         reused = same and old.get("done", False) and all(Path(p).exists() for p in needs)
+        if precious and old and not same and self.resume and not self.restart:
+            differ = changed_keys(old["inputs"], flat_keys(inputs)) if "inputs" in old else "not recorded"
+            raise UserError(f"cannot resume stage {key!r} in {self.path.parent}: it was computed with other settings"
+                            f" ({differ}); undo the change, or start over with --restart")
         if not reused:
-            resume = self.resume and same
-            self._save(key, {"fingerprint": fingerprint, "done": False})  # stale from here on, even if interrupted
+            resume = self.resume and same and not self.restart
+            # stale from here on, even if interrupted
+            self._save(key, {"fingerprint": fingerprint, "done": False, "inputs": flat_keys(inputs)})
             if not resume:
                 for path in owns:
                     _remove(Path(path))
             result = fn(resume)
             version = digest([fingerprint, time.time_ns()])
-            self._save(key, {"fingerprint": fingerprint, "done": True, "version": version,
+            self._save(key, {"fingerprint": fingerprint, "done": True, "version": version, "inputs": flat_keys(inputs),
                              "seconds": round(time.perf_counter() - start, 3), "result": result})
         seconds = time.perf_counter() - start
         group = key.split()[0]
@@ -128,7 +135,7 @@ class Study:
         then evaluate it, a coreset or the full-data experts with one protocol and the same seeds.
 
         Returns the evaluation stage's record ("result": the results.json entry, "version")."""
-        from .distill import distill, plan_phases
+        from .distill import distill, distill_keys, plan_phases
         from .synthetic import load_synthetic
         from .evaluate import evaluate_coreset, evaluate_distilled, full_data_metrics
 
@@ -138,9 +145,10 @@ class Study:
             cfg = cfg if name == cfg.distill.method else with_method(cfg, name)
             target = self.distill_dir(name)
             needs = [target / "meta.json"] + [target / f"phase-{p}.safetensors" for p in range(len(plan_phases(cfg)))]
-            upstream = self.ledger.stage(f"distill {name}", [_sections(cfg, "distill"), upstream],
+            # the keys that determine the distilled data (distill.checkpoint_every, evaluate.* ... do not)
+            upstream = self.ledger.stage(f"distill {name}", {"config": distill_keys(cfg), "experts": upstream},
                                          lambda resume: distill(cfg, experts_dir, target, resume=resume),
-                                         owns=[target], needs=needs)["version"]
+                                         owns=[target], needs=needs, precious=True)["version"]
 
         def evaluate(resume: bool) -> dict:
             if name == "full":
@@ -182,20 +190,20 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
     write_json(curve, target / "recall_curve.json")
 
 
-def _open(cfg, out: Path, resume: bool = False) -> Study:
+def _open(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
     """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
     from .experts import train_experts
     from .prepare import check_pairs, prepare
 
     out.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(out, resume)
+    ledger = Ledger(out, resume, restart)
     bundle = functools.cache(functools.partial(prepare, cfg, verbose=True))
     prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
     # the coreset baselines and the methods without phases take the whole budget at once: checked before the experts
     check_pairs(cfg, bundle().splits["train"], whole_budget=True)
-    experts = ledger.stage("experts", [_sections(cfg, "seed", "experts"), prepared["version"]],
+    experts = ledger.stage("experts", {"config": _sections(cfg, "seed", "experts"), "prepared": prepared["version"]},
                            lambda resume: train_experts(cfg, out / "experts"),
-                           owns=[out / "experts"], needs=[out / "experts" / "summary.json"])
+                           owns=[out / "experts"], needs=[out / "experts" / "summary.json"], precious=True)
     return Study(cfg, out, ledger, bundle, experts["version"])
 
 
@@ -228,10 +236,11 @@ def _locked(command: Callable) -> Callable:
 
 
 @_locked
-def run(cfg, out: Path, resume: bool = False) -> dict:
-    """prepare -> experts -> distill -> evaluate (the preset's method and baselines) -> report."""
+def run(cfg, out: Path, resume: bool = False, restart: bool = False) -> dict:
+    """prepare -> experts -> distill -> evaluate (the preset's method and baselines) -> report. `restart`: redo
+    experts and distillations whose inputs changed, which `resume` refuses to do unasked."""
     out = Path(out)
-    study = _open(cfg, out, resume)
+    study = _open(cfg, out, resume, restart)
     rows = {name: study.row(name) for name in dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines])}
     outputs = [out / "report.html", out / "report.md", out / "figures"]
     return _finish(study, rows, "report", outputs, lambda results: write_report(out, results))

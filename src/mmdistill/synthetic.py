@@ -25,13 +25,16 @@ from .errors import UserError
 from .io import atomic_path, folder_lock, load_torch, save_tensors, write_json, write_text
 from .similarity import full_matrix
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: phases may carry the live lrs beside the EMA lrs (LIVE_LRS)
 PHASE_FILE = re.compile(r"phase-(\d+)\.safetensors")
 REFERENCE_FILE = re.compile(r"distilled_(?:(\d+)_)?(\d+)\.pt")  # PTM-ST: distilled_<phase>_<it>, LoRS: distilled_<it>
 SIM_KINDS = {"identity": (), "full": ("sim_full",), "lowrank": ("sim_diag", "sim_left", "sim_right")}
 # The reference code bases normalise pixels with CLIP's statistics.
 CLIP_NORMALIZATION = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 REFERENCE_FORMATS = ("ptm-st", "lors")
+# The student lrs a phase's distillation ended with (the live ones) beside its EMA lrs (`lr_img`, `lr_txt`, what
+# the default protocol trains with): the reference's evaluation trains with the live ones (spec 5.7).
+LIVE_LRS = {"lr_img": "lr_img_live", "lr_txt": "lr_txt_live"}
 EXPORT_RECORD = "mmdistill.json"  # the exported set's format record: provenance and per-phase metadata
 
 
@@ -95,6 +98,7 @@ def check_phase(where, phase: dict) -> None:
     images, texts = phase["images"], phase["texts"]
     rank = phase["sim_left"].shape[-1] if "sim_left" in phase else 0
     expected = {"texts": (pairs, texts.shape[-1]), "lr_img": (1,), "lr_txt": (1,),
+                **{live: (1,) for live in LIVE_LRS.values() if live in phase},
                 **{"identity": {}, "full": {"sim_full": (pairs, pairs)},
                    "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)}}
                 [phase.get("similarity", "identity")]}
@@ -220,8 +224,9 @@ class DistilledSet:
 
     @property
     def lrs(self) -> list[dict]:
-        """The learned student lrs of each phase: [{"lr_img": ..., "lr_txt": ...}, ...]."""
-        return [{"lr_img": float(p["lr_img"]), "lr_txt": float(p["lr_txt"])} for p in self.phases]
+        """The learned student lrs of each phase: [{"lr_img": ..., "lr_txt": ...}, ...] (the EMA ones), with the
+        live ones (`lr_img_live`, `lr_txt_live`) where the set has them."""
+        return [{k: float(p[k]) for k in ("lr_img", "lr_txt", *LIVE_LRS.values()) if k in p} for p in self.phases]
 
     @property
     def space(self) -> str:
@@ -595,7 +600,8 @@ def _load_export(path: Path) -> DistilledSet:
         phase = {**metadata, "images": tensors[EXPORT_TENSORS[record["space"]]].get(key),
                  "texts": tensors["text_embeddings.safetensors"].get(key),
                  "lr_img": torch.tensor([lrs[p]["lr_img"]], dtype=torch.float32),
-                 "lr_txt": torch.tensor([lrs[p]["lr_txt"]], dtype=torch.float32)}
+                 "lr_txt": torch.tensor([lrs[p]["lr_txt"]], dtype=torch.float32),
+                 **{k: torch.tensor([lrs[p][k]], dtype=torch.float32) for k in LIVE_LRS.values() if k in lrs[p]}}
         for name in SIM_KINDS[metadata.get("similarity", "identity")]:
             phase[name] = tensors["similarity.safetensors"].get(f"{key}.{name}")
         phase = {k: v for k, v in phase.items() if v is not None}
@@ -698,3 +704,11 @@ def describe(distilled: DistilledSet) -> str:
     lines.append(f"r_mean {results['r_mean']:.2f} ± {results.get('r_mean_std', 0.0):.2f} ({results.get('runs')} runs,"
                  f" {results.get('protocol')})" if results else "r_mean: not measured with this set")
     return "\n".join(lines)
+
+
+def live_lrs(phase: dict) -> tuple[list[float], bool]:
+    """([lr_img, lr_txt], True) as the phase's distillation left them (live), or its EMA lrs and False for a set
+    that carries no live lrs (written before format 1.1, or by another code base)."""
+    if all(k in phase for k in LIVE_LRS.values()):
+        return [float(phase[LIVE_LRS[k]]) for k in ("lr_img", "lr_txt")], True
+    return [float(phase["lr_img"]), float(phase["lr_txt"])], False
