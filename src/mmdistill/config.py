@@ -125,6 +125,11 @@ class DistillConfig:
     init: str = "real"  # real | noise
     gradient: str = "fd"  # fd (fast constant-memory) | exact (constant-memory, double backward) | unroll
     merge_loss_branches: bool = False
+    # GPU switches of the inner loop (pixel space), off by default: on CPU they cost time and change nothing.
+    # autocast: the student's forward passes in bfloat16 (torch.autocast; parameters, gradients and the loss
+    # stay float32); channels_last: the synthetic images in NHWC layout, which GPU convolutions prefer.
+    autocast: bool = False
+    channels_last: bool = False
     trajectories_per_iter: int = 1
     checkpoint_every: int = 50
     snapshot_every: int = 0  # keep the EMA state every k iterations (recall-vs-iteration curve); 0 = never

@@ -206,7 +206,8 @@ class Distiller:
         dc = cfg.distill
         self.blend = dc.blend.alpha if dc.blend.enabled else None
         self.options = {"loss_fn": LOSSES[dc.loss], "sim_kind": dc.similarity, "sim_alpha": dc.sim_alpha,
-                        "mode": dc.gradient, "merge_branches": dc.merge_loss_branches}
+                        "mode": dc.gradient, "merge_branches": dc.merge_loss_branches,
+                        "autocast": dc.autocast, "channels_last": dc.channels_last}
 
     def init_synthetic(self, p: int, phase: PhaseConfig) -> dict[str, torch.Tensor]:
         """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init
@@ -239,7 +240,8 @@ class Distiller:
             gen = generator(self.cfg.seed, "iter", p, k, sample)
             # sample start epoch
             expert, start = self.sample_start_epoch(p, phase, k * dc.trajectories_per_iter + sample, gen)
-            theta_start, theta_target = matching_pair(self.store, expert, start, dc.expert_epochs, phase.shortcut_end)
+            theta_start, theta_target = matching_pair(self.store, expert, start, dc.expert_epochs, phase.shortcut_end,
+                                                      self.device)
             # train t steps on the synthetic set, matching loss, and its gradient w.r.t. the synthetic set
             plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, self.blend, self.device)
             value, grad = matching_gradient(self.model, state.syn, theta_start, theta_target, plan, **self.options)
@@ -535,16 +537,21 @@ def _bench_setup(cfg, syn_steps: int):
 
     def iteration(mode: str) -> None:
         _, grads = matching_gradient(model, state.syn, theta_start, theta_target, plan, loss_fn=LOSSES[dc.loss],
-                                     sim_kind=dc.similarity, sim_alpha=dc.sim_alpha, mode=mode)
+                                     sim_kind=dc.similarity, sim_alpha=dc.sim_alpha, mode=mode,
+                                     autocast=dc.autocast, channels_last=dc.channels_last)
         state.gradient_step(grads)
         state.ema_update()
         state.restore(initial)
+
+    layout = torch.channels_last if dc.channels_last and dc.space == "pixel" else torch.contiguous_format
 
     def plain() -> None:
         theta = theta_start
         for index in plan.batches:
             point = {g: t.detach().requires_grad_() for g, t in theta.items()}
-            logits = model.logits_at(point, state.syn["images"][index].detach(), state.syn["texts"][index].detach())
+            images = state.syn["images"][index].detach().contiguous(memory_format=layout)
+            with torch.autocast(device.type, torch.bfloat16, enabled=dc.autocast):
+                logits = model.logits_at(point, images, state.syn["texts"][index].detach()).float()
             grads = torch.autograd.grad(LOSSES[dc.loss](logits, torch.eye(len(index), device=device)),
                                         list(point.values()))
             theta = {g: point[g].detach() - 0.1 * grad for g, grad in zip(point, grads)}
@@ -581,6 +588,13 @@ def _memory_probe(raw_cfg: dict, syn_steps: int, mode: str) -> float:
 def _proc_status_kib(field: str, path: str = "/proc/self/status") -> int:
     line = next(line for line in Path(path).read_text().splitlines() if line.startswith(field + ":"))
     return int(line.split()[1])
+
+
+def _free_memory_mib(device: torch.device) -> float:
+    """Memory a probe may still take: free GPU memory on CUDA, else the system's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    return _proc_status_kib("MemAvailable", "/proc/meminfo") / 1024
 
 
 def _time_mode(raw_cfg: dict, mode: str, budget_s: float, max_repeats: int, threads: int) -> dict:
@@ -639,7 +653,7 @@ def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
     plain training steps of the same student measured interleaved with it (medians, wall and CPU time), each
     in a fresh process whose peak RSS (`peak_rss_gib`) is that mode's alone; then the memory growth of one
     iteration at syn_steps 5 vs 20 (default mode; unroll, whose growth is linear, only where 20 steps of it
-    fit in a quarter of the available memory). `budget_s` bounds the timed repeats of each mode (at least
+    fit in a quarter of the free memory: the 20-step unroll probe alone peaked near 20 GiB on NFNet-L0). `budget_s` bounds the timed repeats of each mode (at least
     one): a large model gets fewer repeats, not a longer benchmark."""
     dc = cfg.distill
     threads = torch.get_num_threads()
@@ -659,7 +673,7 @@ def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
         suffix = "" if mode == dc.gradient else f"_{mode}"
         growth = {5: _memory_growth(cfg, 5, mode)}
         result[f"peak_memory_mib_5{suffix}"] = growth[5]
-        if mode == "unroll" and 4 * growth[5] > _proc_status_kib("MemAvailable", "/proc/meminfo") / 1024 / 4:
+        if mode == "unroll" and 4 * growth[5] > _free_memory_mib(resolve_device(cfg.device)) / 4:
             result[f"peak_memory_mib_20{suffix}"] = f"skipped: about {4 * growth[5] / 1024:.1f} GiB expected"
             continue
         growth[20] = _memory_growth(cfg, 20, mode)
