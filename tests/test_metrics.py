@@ -135,7 +135,7 @@ def test_rejects_bad_input(sim, img2txt, txt2img):
 
 def test_bench_metrics_small():
     out = bench_metrics(n_images=50, n_texts=250, large=(60, 300), repeats=1)
-    assert set(out) == {"shape", "counting_s", "torch_loop_s", "numpy_loop_s", "speedup", "equal",
-                        "counting_s_60x300"}
+    assert set(out) == {"shape", "counting_s", "torch_loop_s", "numpy_loop_s", "speedup", "counting_cpu_s",
+                        "speedup_cpu", "equal", "counting_s_60x300", "counting_cpu_s_60x300"}
     assert out["equal"] is True
     assert out["speedup"] == min(out["torch_loop_s"], out["numpy_loop_s"]) / out["counting_s"]
