@@ -118,7 +118,7 @@ class InnerLoop:
                 logits = self.model.logits_at(theta, inputs["images"], inputs["texts"], self.plan.blends[i])
         finally:
             self.dropout_rng.set_state(saved)
-        return self.loss_fn(logits.float(), inputs["target"])
+        return self.loss_fn(logits.to(inputs["target"].dtype), inputs["target"])  # back from bfloat16 under autocast
 
     def run(self, theta_0: dict[str, torch.Tensor], record: bool = False):
         """Pass 1: theta_N and G = sum_i g_i, without keeping any graph.
