@@ -16,7 +16,8 @@ def test_time_mode_stops_at_its_budget_after_one_timed_pair():
 def test_bench_iteration_reports_each_mode_and_its_own_peak():
     result = bench_iteration(load_config("shapes-tiny"), budget_s=0.0, max_repeats=1)
     for suffix in ("", "_exact"):
-        assert result[f"ratio{suffix}"] == result[f"seconds_per_iteration{suffix}"] / result[f"seconds_plain_steps{suffix}"]
+        seconds = result[f"seconds_per_iteration{suffix}"], result[f"seconds_plain_steps{suffix}"]
+        assert result[f"ratio{suffix}"] == seconds[0] / seconds[1]
         assert result[f"repeats{suffix}"] == 1 and result[f"peak_rss_gib{suffix}"] > 0.1
     assert result["gradient"] == "fd" and result["syn_steps"] == 3
     # fd keeps one parameter copy per step, unroll the whole graph: both grow from 5 to 20 steps, unroll more

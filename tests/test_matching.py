@@ -1,6 +1,7 @@
 """The matching gradient: exact (TESLA) == unroll with a detached parameter path, fd ~ exact, unroll == the true
-derivative, dropout masks and blend draws replayed, autograd memory flat in syn_steps (fd keeps one parameter copy
-per step beside it), the GPU switches (bfloat16 autocast, channels_last) against float32, and descent on a toy problem."""
+derivative, dropout masks and blend draws replayed, autograd memory flat in syn_steps (fd keeps one parameter
+copy per step beside it), the GPU switches (bfloat16 autocast, channels_last) against float32, and descent on a toy
+problem."""
 import weakref
 
 import pytest
