@@ -1,5 +1,7 @@
 """The matching gradient: exact (TESLA) == unroll with a detached parameter path, fd ~ exact, unroll == the true
-derivative, dropout masks and blend draws replayed, memory flat in syn_steps, and descent on a toy problem."""
+derivative, dropout masks and blend draws replayed, autograd memory flat in syn_steps (fd keeps one parameter
+copy per step beside it), the GPU switches (bfloat16 autocast, channels_last) against float32, and descent on a toy
+problem."""
 import weakref
 
 import pytest
@@ -8,7 +10,7 @@ from torch import nn
 
 from mmdistill.encoders import ConvNet
 from mmdistill.losses import LOSSES
-from mmdistill.matching import InnerPlan, matching_gradient
+from mmdistill.matching import InnerLoop, InnerPlan, matching_gradient
 from mmdistill.model import DualEncoder
 from mmdistill.similarity import init_similarity, similarity_block
 
@@ -185,6 +187,46 @@ def test_memory_does_not_grow_with_steps(mode, flat):
         assert peaks[1] <= 1.05 * peaks[0]
     else:  # the measurement does see a graph that grows
         assert peaks[1] > 3 * peaks[0]
+
+
+def test_fd_records_one_point_per_step_and_frees_them_in_pass_two():
+    model, syn, start, target = problem(torch.float32)
+    inner = plan(steps=4)
+    loop = InnerLoop(model, syn, inner, LOSSES["wbce"], "full")
+    theta_n, _, steps = loop.run(start, record=True)
+    plain_n, _ = loop.run(start)
+    assert len(steps) == 4 and all(torch.equal(theta_n[g], plain_n[g]) for g in theta_n)  # same path either way
+    assert all(steps[0].theta[g].data_ptr() == start[g].data_ptr() for g in start)  # theta_0 is not copied
+    assert [len(s.activations) for s in steps] == [1] * 4  # the ConvNet's one ReLU, per step
+    assert [tuple(s.base[0].shape) for s in steps] == [(len(b), 3, PX, PX) for b in inner.batches]
+    v = {g: torch.randn_like(t) for g, t in start.items()}
+    loop.replay(start, v, exact=False, fd_step=1e-4, steps=steps)
+    assert steps == [None] * 4
+
+
+def test_bfloat16_autocast_gradient_error_against_float32(record_property):
+    """The GPU switch on CPU: autocast's gradient against the float32 exact one, reported (pytest -s shows it)."""
+    model, syn, start, target = problem(torch.float32, encoder=ConvNet(PX, depth=2, width=8))
+    inner = plan(steps=6)
+    _, reference = gradient((model, syn, start, target), inner, "tesla")
+    errors = {mode: relative_error(gradient((model, syn, start, target), inner, mode, autocast=True)[1], reference)
+              for mode in ("fd", "tesla")}
+    _, float32_fd = gradient((model, syn, start, target), inner, "fd")
+    errors["fd float32"] = relative_error(float32_fd, reference)
+    for mode, error in errors.items():
+        record_property(f"relative_error_{mode.replace(' ', '_')}", error)
+    print(f"\nbfloat16 autocast, relative gradient error vs float32 exact: fd {errors['fd']:.3f}, "
+          f"exact {errors['tesla']:.3f} (float32 fd: {errors['fd float32']:.4f})")
+    assert errors["fd float32"] < 0.01
+    assert 0 < errors["tesla"] < 0.25 and 0 < errors["fd"] < 0.35  # bfloat16 keeps 8 significant bits
+
+
+def test_channels_last_gives_the_nchw_gradient():
+    setup = problem(torch.float32, encoder=ConvNet(PX, depth=2, width=8))
+    inner = plan(steps=4)
+    _, nchw = gradient(setup, inner, "fd")
+    _, nhwc = gradient(setup, inner, "fd", channels_last=True)
+    assert relative_error(nhwc, nchw) < 1e-2  # other convolution kernels: float32 rounding only
 
 
 def test_plan_slices_a_permutation_and_reshuffles_instead_of_a_short_remainder():

@@ -31,8 +31,48 @@ def test_matches_reference(n_images, max_captions, ties):
     # Integer scores from a small range make ties common, including around rank 10.
     sim = torch.randint(0, 3, shape, generator=gen).float() if ties else torch.randn(shape, generator=gen)
     expected = retrieval_metrics_reference(sim, img2txt, txt2img)
-    for chunk_size in (1, 3, 1024):
-        assert retrieval_metrics(sim, img2txt, txt2img, chunk_size=chunk_size) == expected
+    blocks = ((1, 1), (3, 2), (7, 5)) if n_images <= 15 else ((7, 5), (16, 100))
+    for block in blocks + ((64, 4096), (255, 8)):
+        assert retrieval_metrics(sim, img2txt, txt2img, block=block) == expected
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "trained", "tied-trained"])
+def test_counting_matches_argsort_across_blocks(kind):
+    """Ragged bands and strips, thresholds switching inside a block, and ground truths on block edges."""
+    gen = torch.Generator().manual_seed(7)
+    img2txt, txt2img = random_split(150, 5, gen)
+    shape = (150, len(txt2img))
+    tied = kind.startswith("tied")
+    sim = torch.randint(0, 4, shape, generator=gen).float() if tied else torch.randn(shape, generator=gen)
+    if kind.endswith("trained"):  # most ground truths near the top, as for a trained model
+        sim[torch.tensor(txt2img), torch.arange(len(txt2img))] += 2 if tied else 2.5
+    expected = retrieval_metrics_reference(sim, img2txt, txt2img)
+    for block in ((64, 4096), (16, 32), (5, 7), (150, 1000)):
+        assert retrieval_metrics(sim, img2txt, txt2img, block=block) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_other_dtypes_keep_their_ties(dtype):
+    gen = torch.Generator().manual_seed(3)
+    img2txt, txt2img = random_split(40, 3, gen)
+    sim = (torch.randint(0, 5, (40, len(txt2img)), generator=gen) * 1000 + 1).to(dtype)
+    if dtype.is_floating_point:
+        sim = sim / 3000  # values whose float32 images are still distinct where the originals are
+    assert retrieval_metrics(sim, img2txt, txt2img) == retrieval_metrics_reference(sim, img2txt, txt2img)
+
+
+def test_infinite_scores():
+    """A ground truth at -inf (where below(-inf) is -inf itself) and +inf entries rank as in the argsort."""
+    gen = torch.Generator().manual_seed(5)
+    img2txt, txt2img = random_split(20, 3, gen)
+    sim = torch.randn(20, len(txt2img), generator=gen)
+    sim[0, :] = float("-inf")
+    sim[:, 3] = float("-inf")
+    sim[5, :7] = float("inf")
+    sim[torch.tensor(txt2img[:4]), torch.arange(4)] = float("-inf")
+    for block in ((64, 4096), (3, 2)):
+        assert retrieval_metrics(sim, img2txt, txt2img, block=block) == \
+            retrieval_metrics_reference(sim, img2txt, txt2img)
 
 
 def test_keys_are_floats_and_r_mean_is_the_mean():
@@ -80,6 +120,7 @@ def test_image_rank_is_best_caption_rank():
 
 @pytest.mark.parametrize("sim,img2txt,txt2img", [
     (torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), [[0], [1]], [0, 1]),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [[0], [1]], [0, 1]),  # NaN off the ground truth
     (torch.zeros(2, 3), [[0], [1]], [0, 1]),
     (torch.zeros(2, 2), [[0, 1], []], [0, 0]),
     (torch.zeros(2, 2), [[0], [1]], [0, 2]),
@@ -93,6 +134,8 @@ def test_rejects_bad_input(sim, img2txt, txt2img):
 
 
 def test_bench_metrics_small():
-    out = bench_metrics(n_images=50, n_texts=250, repeats=1)
-    assert set(out) == {"vectorised_s", "loop_s", "speedup", "equal"}
+    out = bench_metrics(n_images=50, n_texts=250, large=(60, 300), repeats=1)
+    assert set(out) == {"shape", "counting_s", "torch_loop_s", "numpy_loop_s", "speedup", "counting_cpu_s",
+                        "speedup_cpu", "equal", "counting_s_60x300", "counting_cpu_s_60x300"}
     assert out["equal"] is True
+    assert out["speedup"] == min(out["torch_loop_s"], out["numpy_loop_s"]) / out["counting_s"]

@@ -133,6 +133,11 @@ class DistillConfig:
     # TESLA's gradient drops the path through the student's parameters (spec 5.4); `exact` is tesla's old name.
     gradient: str = "fd"
     merge_loss_branches: bool = False
+    # GPU switches of the inner loop (pixel space), off by default: on CPU they cost time and change nothing.
+    # autocast: the student's forward passes in bfloat16 (torch.autocast; parameters, gradients and the loss
+    # stay float32); channels_last: the synthetic images in NHWC layout, which GPU convolutions prefer.
+    autocast: bool = False
+    channels_last: bool = False
     trajectories_per_iter: int = 1
     checkpoint_every: int = 50
     snapshot_every: int = 0  # keep the EMA state every k iterations (recall-vs-iteration curve); 0 = never

@@ -1,18 +1,27 @@
-"""Image-text retrieval metrics (recall at K in both directions), vectorised, plus a plain reference.
+"""Image-text retrieval metrics (recall at K in both directions) by counting, plus a plain argsort reference.
 
 Rank convention (both implementations): the rank of a ground-truth candidate is its position in a stable
 descending sort of the query's scores, i.e. the number of candidates scoring strictly higher plus the number
 of candidates with an equal score and a smaller index. This equals the position in
 `torch.argsort(-scores, stable=True)`, so ties are neither all won nor all lost: a constant similarity matrix
 does not score 100.
+
+No sort is needed: a rank is a count. With the ground truth's score s* at index g, the rank is
+#{j < g: s_j >= s*} + #{j > g: s_j > s*}, and s_j >= s* is s_j > nextafter(s*, -inf) in floating point. So one
+pass over the matrix, block by block, compares each entry with its column's threshold (text -> image) and with
+its row's threshold (image -> text) and adds up the counts; a block holding a query's ground truth uses the
+strict threshold and counts the equal entries before it separately. Memory beyond the matrix is one block.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10)
+BLOCK = (64, 4096)  # rows x columns counted at a time: 1 MiB of float32 that every comparison reads in cache
+NAN_ERROR = "sim contains NaN: ranks are undefined"
 
 
 def _check_inputs(sim: torch.Tensor, img2txt, txt2img) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,8 +34,6 @@ def _check_inputs(sim: torch.Tensor, img2txt, txt2img) -> tuple[torch.Tensor, to
                          f"and {len(txt2img)} captions")
     if any(len(caps) == 0 for caps in img2txt):
         raise ValueError("every image needs at least one caption")
-    if sim.sum().isnan() and sim.isnan().any():  # the sum is NaN whenever an entry is: checks entries rarely
-        raise ValueError("sim contains NaN: ranks are undefined")
     device = sim.device
     txt2img = torch.as_tensor(txt2img, dtype=torch.long, device=device)
     pair_txt = torch.tensor([c for caps in img2txt for c in caps], dtype=torch.long, device=device)
@@ -39,70 +46,134 @@ def _check_inputs(sim: torch.Tensor, img2txt, txt2img) -> tuple[torch.Tensor, to
     return txt2img, pair_img, pair_txt
 
 
-def _summarise(ir_ranks: torch.Tensor, tr_ranks: torch.Tensor) -> dict[str, float]:
+def _summarise(ir_ranks, tr_ranks) -> dict[str, float]:
     """Recall@K in percent for both directions and their mean."""
     out = {}
-    for name, ranks in (("IR", ir_ranks), ("TR", tr_ranks)):
+    for name, ranks in (("IR", np.asarray(ir_ranks)), ("TR", np.asarray(tr_ranks))):
         for k in RECALL_KS:
-            out[f"{name}@{k}"] = 100.0 * (ranks < k).double().mean().item()
+            out[f"{name}@{k}"] = 100.0 * float(np.count_nonzero(ranks < k)) / len(ranks)
     out["r_mean"] = sum(out.values()) / len(out)
     return out
 
 
-def _stable_ranks(scores: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Stable-descending-sort position of column targets[q] in each row q of scores, exact below max(RECALL_KS).
-
-    Recalls only ask whether a rank is below max(RECALL_KS), so the tie count (candidates with an equal score
-    and a smaller index) is added only where the strictly-higher count is below it; other ranks are lower
-    bounds that are already too large to count. Rows are processed chunk_size at a time, so memory is
-    O(chunk_size x columns). Sums run in int32, several times faster than the default int64 on CPU.
-    """
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    ranks = []
-    for rows, cols in zip(scores.split(chunk_size), targets.split(chunk_size)):
-        target = rows.gather(1, cols[:, None])
-        rank = (rows > target).sum(1, dtype=torch.int32)
-        near = rank < max(RECALL_KS)
-        if near.any():
-            earlier = columns < cols[near, None]
-            rank[near] += ((rows[near] == target[near]) & earlier).sum(1, dtype=torch.int32)
-        ranks.append(rank)
-    return torch.cat(ranks)
+def _as_array(sim: torch.Tensor) -> np.ndarray:
+    """The scores as a C-contiguous CPU array of a float type that holds each of them exactly (float16 and
+    bfloat16 widen to float32, integers to float64), so that ties stay ties."""
+    sim = sim.detach()
+    if sim.dtype not in (torch.float32, torch.float64):
+        sim = sim.to(torch.float32 if sim.is_floating_point() else torch.float64)
+    return sim.cpu().contiguous().numpy()
 
 
-def _best_caption(sim: torch.Tensor, pair_img: torch.Tensor, pair_txt: torch.Tensor) -> torch.Tensor:
+def _best_caption(scores: np.ndarray, pair_img: np.ndarray, pair_txt: np.ndarray) -> np.ndarray:
     """The ground-truth caption of each image that comes first in the stable descending order.
 
     Its rank is the smallest rank among the image's captions: highest score, then smallest caption id.
     """
-    n_images, n_texts = sim.shape
-    pair_score = sim[pair_img, pair_txt]
-    best_score = torch.full((n_images,), float("-inf"), dtype=sim.dtype, device=sim.device)
-    best_score = best_score.scatter_reduce(0, pair_img, pair_score, "amax")
-    tied_best = torch.where(pair_score == best_score[pair_img], pair_txt, n_texts)
-    first = torch.full((n_images,), n_texts, dtype=torch.long, device=sim.device)
-    return first.scatter_reduce(0, pair_img, tied_best, "amin")
+    n_images, n_texts = scores.shape
+    pair_score = scores[pair_img, pair_txt]
+    best_score = np.full(n_images, -np.inf, dtype=scores.dtype)
+    if np.isnan(pair_score).any():
+        raise ValueError(NAN_ERROR)
+    np.maximum.at(best_score, pair_img, pair_score)
+    first = np.full(n_images, n_texts, dtype=np.int64)
+    np.minimum.at(first, pair_img, np.where(pair_score == best_score[pair_img], pair_txt, n_texts))
+    return first
 
 
-def retrieval_metrics(sim: torch.Tensor, img2txt, txt2img, chunk_size: int = 1024) -> dict[str, float]:
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    """True entries per row of a C-contiguous bool matrix; 8 at a time (a popcount of each 8-byte word, whose
+    bytes are 0 or 1) where the rows are a whole number of words: about twice as fast as a plain sum."""
+    if mask.shape[1] % 8 or not mask.flags.c_contiguous:
+        return np.add.reduce(mask, axis=1, dtype=np.int32)
+    return np.add.reduce(np.bitwise_count(mask.view(np.uint64)), axis=1, dtype=np.int32)
+
+
+def _ties_before(values: np.ndarray, thr: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per row of `values` (one query each): the entries equal to the query's threshold at positions below
+    `before`. Most rows hold only their ground truth at that score, so only rows with a second equal entry
+    are masked by position."""
+    equal = values == thr[:, None]
+    counts = np.zeros(len(values), np.int64)
+    tied = np.flatnonzero(_row_counts(equal) > 1)
+    if len(tied):
+        earlier = np.arange(values.shape[1]) < before[tied, None]
+        counts[tied] = _row_counts(equal[tied] & earlier)
+    return counts
+
+
+def _counting_ranks(scores: np.ndarray, col_target: np.ndarray, row_target: np.ndarray,
+                    block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stable-sort ranks of the ground truth of each column (row col_target[t]) among its column, and of each
+    row (column row_target[i]) among its row, in one pass over `scores`; raises ValueError on a NaN.
+
+    The pass goes through blocks of block[0] rows x block[1] columns. A column's threshold is its ground
+    truth's score s*: `s > below(s*)` (that is s >= s*) in the blocks above the ground truth's, `s > s*` from
+    that block on, plus the entries equal to s* above the ground truth inside its block; rows likewise, left
+    to right. Queries whose s* is -inf (below(-inf) is -inf itself) are recounted directly at the end.
+    """
+    n_rows, n_cols = scores.shape
+    band, width = min(block[0], n_rows), min(block[1], n_cols)
+    col_thr = scores[col_target, np.arange(n_cols)]
+    row_thr = scores[np.arange(n_rows), row_target]
+    col_below, row_below = np.nextafter(col_thr, -np.inf), np.nextafter(row_thr, -np.inf)
+    col_ranks, row_ranks = np.zeros(n_cols, np.int64), np.zeros(n_rows, np.int64)
+    cols_by_target = np.argsort(col_target, kind="stable")
+    band_edges = np.searchsorted(col_target[cols_by_target], np.arange(0, n_rows + band, band))
+    hits = np.empty(band * width, dtype=bool)
+    nan = False
+    for index, a in enumerate(range(0, n_rows, band)):
+        b = min(a + band, n_rows)
+        band_col_thr = np.where(col_target >= b, col_below, col_thr)
+        targets = row_target[a:b]
+        for c in range(0, n_cols, width):
+            d = min(c + width, n_cols)
+            view = scores[a:b, c:d]
+            nan |= bool(np.isnan(np.maximum.reduce(view, axis=1)).any())
+            mask = hits[:view.size].reshape(view.shape)
+            np.greater(view, band_col_thr[c:d], out=mask)
+            col_ranks[c:d] += np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.uint8)  # band <= 255 rows
+            np.greater(view, np.where(targets >= d, row_below[a:b], row_thr[a:b])[:, None], out=mask)
+            row_ranks[a:b] += _row_counts(mask)
+            local = np.flatnonzero((targets >= c) & (targets < d))  # rows whose ground truth is in this block
+            if len(local):
+                row_ranks[a + local] += _ties_before(view[local], row_thr[a + local], targets[local] - c)
+        cols = cols_by_target[band_edges[index]:band_edges[index + 1]]  # columns whose ground truth is in this band
+        if len(cols):
+            col_ranks[cols] += _ties_before(scores[a:b, cols].T, col_thr[cols], col_target[cols] - a)
+    if nan:
+        raise ValueError(NAN_ERROR)
+    for ranks, lines, target, thr in ((col_ranks, scores.T, col_target, col_thr),
+                                      (row_ranks, scores, row_target, row_thr)):
+        for q in np.flatnonzero(thr == -np.inf):
+            line = lines[q]
+            ranks[q] = np.count_nonzero(line > thr[q]) + np.count_nonzero(line[:target[q]] == thr[q])
+    return col_ranks, row_ranks
+
+
+def retrieval_metrics(sim: torch.Tensor, img2txt, txt2img, block: tuple[int, int] = BLOCK) -> dict[str, float]:
     """Recall@1/5/10 in percent for text->image (IR) and image->text (TR) retrieval, and their mean r_mean.
 
-    sim: images x texts scores (higher = more similar); img2txt: caption ids of each image; txt2img: image id
-    of each caption. IR ranks each caption's image among all images; TR takes, per image, the best rank among
-    its captions. Ranks follow the stable-argsort convention of the module docstring, so results equal
-    `retrieval_metrics_reference` exactly. chunk_size bounds memory to O(chunk_size x max(images, texts)).
+    sim: images x texts scores (higher = more similar), on any device (counted on the CPU); img2txt: caption
+    ids of each image; txt2img: image id of each caption. IR ranks each caption's image among all images; TR
+    takes, per image, the best rank among its captions. Ranks follow the stable-argsort convention of the
+    module docstring, so results equal `retrieval_metrics_reference` exactly, ties included. `block` (rows
+    at most 255, columns) sets the piece of the matrix counted at a time; it changes speed, not results.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not (1 <= block[0] <= 255 and block[1] >= 1):
+        raise ValueError(f"block must be (1..255 rows, >= 1 columns), got {block}")
     txt2img, pair_img, pair_txt = _check_inputs(sim, img2txt, txt2img)
-    ir_ranks = _stable_ranks(sim.T, txt2img, chunk_size)
-    tr_ranks = _stable_ranks(sim, _best_caption(sim, pair_img, pair_txt), chunk_size)
+    scores = _as_array(sim)
+    best = _best_caption(scores, pair_img.cpu().numpy(), pair_txt.cpu().numpy())
+    ir_ranks, tr_ranks = _counting_ranks(scores, txt2img.cpu().numpy(), best, block)
     return _summarise(ir_ranks, tr_ranks)
 
 
 def retrieval_metrics_reference(sim: torch.Tensor, img2txt, txt2img) -> dict[str, float]:
     """Plain per-query argsort implementation of `retrieval_metrics`: the definition that tests check against."""
     txt2img = _check_inputs(sim, img2txt, txt2img)[0]
+    if sim.isnan().any():
+        raise ValueError(NAN_ERROR)
     ir_ranks = []
     for t, image in enumerate(txt2img.tolist()):
         order = torch.argsort(-sim[:, t], stable=True)
@@ -113,36 +184,68 @@ def retrieval_metrics_reference(sim: torch.Tensor, img2txt, txt2img) -> dict[str
         position = torch.empty_like(order)
         position[order] = torch.arange(len(order), device=sim.device)
         tr_ranks.append(position[list(captions)].min())
-    return _summarise(torch.stack(ir_ranks), torch.stack(tr_ranks))
+    return _summarise(torch.stack(ir_ranks).cpu().numpy(), torch.stack(tr_ranks).cpu().numpy())
 
 
-def _best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` runs in seconds: the least noisy estimate on a shared machine."""
-    times = []
+def _best_time(fn, repeats: int) -> tuple[float, float]:
+    """Fastest of `repeats` runs in wall and in CPU seconds (process time, which on a machine shared with other
+    jobs leaves out the time they held the core): the least noisy estimates."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return min(wall), min(cpu)
 
 
-def bench_metrics(n_images: int = 1000, n_texts: int = 5000, repeats: int = 3, seed: int = 0) -> dict:
-    """Time `retrieval_metrics` against the per-query loop on a random matrix and check they agree.
+def _numpy_argsort_loop(scores: np.ndarray, img2txt, txt2img) -> dict[str, float]:
+    """The per-query loop as it is usually written with numpy (a stable argsort per row and per column)."""
+    ir_ranks = [np.flatnonzero(np.argsort(-scores[:, t], kind="stable") == image)[0]
+                for t, image in enumerate(txt2img)]
+    tr_ranks = []
+    for i, captions in enumerate(img2txt):
+        order = np.argsort(-scores[i], kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        tr_ranks.append(position[captions].min())
+    return _summarise(ir_ranks, tr_ranks)
 
-    Captions are spread evenly over images (5 each with the defaults). Few ranks of a random matrix fall below
-    max(RECALL_KS), so this times the vectorised fast path; a trained model's matrix, where most do, costs
-    the vectorised function about 2-3x more (the loop costs the same).
+
+def _even_split(n_images: int, n_texts: int) -> tuple[list[list[int]], list[int]]:
+    """Captions spread evenly over the images, in order (5 each for 1000 x 5000)."""
+    txt2img = (np.arange(n_texts) * n_images // n_texts).tolist()
+    img2txt = [[] for _ in range(n_images)]
+    for t, i in enumerate(txt2img):
+        img2txt[i].append(t)
+    return img2txt, txt2img
+
+
+def bench_metrics(n_images: int = 1000, n_texts: int = 5000, large: tuple[int, int] | None = (5000, 25000),
+                  repeats: int = 3, seed: int = 0) -> dict:
+    """Time `retrieval_metrics` against per-query argsort loops (ours in torch, the usual numpy one) on a random
+    n_images x n_texts matrix, side by side, and check all three agree; then time it alone on a `large` matrix
+    (Flickr30k/COCO test size by default). The counting pass costs the same whatever the ranks are (a trained
+    model's matrix, ties, or noise), so a random matrix is representative. The counting runs are short, so they
+    are repeated 5x as often: their best time is less likely to include another job's turn on the core.
     """
     if not 1 <= n_images <= n_texts:
         raise ValueError(f"need 1 <= n_images <= n_texts, got {n_images} and {n_texts}")
     gen = torch.Generator().manual_seed(seed)
     sim = torch.randn(n_images, n_texts, generator=gen)
-    txt2img = (torch.arange(n_texts) * n_images // n_texts).tolist()
-    img2txt = [[] for _ in range(n_images)]
-    for t, i in enumerate(txt2img):
-        img2txt[i].append(t)
+    img2txt, txt2img = _even_split(n_images, n_texts)
     results = {}
-    vectorised_s = _best_time(lambda: results.update(fast=retrieval_metrics(sim, img2txt, txt2img)), repeats)
-    loop_s = _best_time(lambda: results.update(loop=retrieval_metrics_reference(sim, img2txt, txt2img)), repeats)
-    return {"vectorised_s": vectorised_s, "loop_s": loop_s, "speedup": loop_s / vectorised_s,
-            "equal": results["fast"] == results["loop"]}
+    counting = _best_time(lambda: results.update(counting=retrieval_metrics(sim, img2txt, txt2img)), 5 * repeats)
+    torch_loop = _best_time(lambda: results.update(torch=retrieval_metrics_reference(sim, img2txt, txt2img)), repeats)
+    numpy_loop = _best_time(lambda: results.update(numpy=_numpy_argsort_loop(sim.numpy(), img2txt, txt2img)),
+                            repeats)
+    out = {"shape": f"{n_images}x{n_texts}", "counting_s": counting[0], "torch_loop_s": torch_loop[0],
+           "numpy_loop_s": numpy_loop[0], "speedup": min(torch_loop[0], numpy_loop[0]) / counting[0],
+           "counting_cpu_s": counting[1], "speedup_cpu": min(torch_loop[1], numpy_loop[1]) / counting[1],
+           "equal": results["counting"] == results["torch"] == results["numpy"]}
+    if large is not None:
+        sim = torch.randn(*large, generator=gen)
+        img2txt, txt2img = _even_split(*large)
+        wall, cpu = _best_time(lambda: retrieval_metrics(sim, img2txt, txt2img), 5 * repeats)
+        out.update({f"counting_s_{large[0]}x{large[1]}": wall, f"counting_cpu_s_{large[0]}x{large[1]}": cpu})
+    return out

@@ -52,14 +52,26 @@ def shortcut_trajectory(store: ExpertStore, expert: int, start: int, end: int) -
                             for t in range(end - start + 1)]) for g in GROUPS}
 
 
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    """Expert rows (read into ordinary CPU memory) onto `device`. To a GPU they go through pinned memory and
+    copy asynchronously, so that reading the next row overlaps the transfer; CPU tensors stay as they are."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return tensors
+    return {g: t.pin_memory().to(device, non_blocking=True) for g, t in tensors.items()}
+
+
 def matching_pair(store: ExpertStore, expert: int, start_epoch: int, expert_epochs: int,
-                  shortcut_end: int | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(theta_start, theta_target) float32 per group: snapshots s and s + M of the plain trajectory, or of the
-    shortcut over window 0..shortcut_end (reads only rows 0 and shortcut_end plus the step norms)."""
+                  shortcut_end: int | None, device: torch.device | str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(theta_start, theta_target) float32 per group, on `device` (default: the CPU): snapshots s and s + M of
+    the plain trajectory, or of the shortcut over window 0..shortcut_end (reads only rows 0 and shortcut_end
+    plus the step norms; the shortcut points are computed on `device`)."""
     target_epoch = start_epoch + expert_epochs
     if shortcut_end is None:
-        return store.snapshot(expert, start_epoch), store.snapshot(expert, target_epoch)
-    first, last = store.snapshot(expert, 0), store.snapshot(expert, shortcut_end)
+        return (to_device(store.snapshot(expert, start_epoch), device),
+                to_device(store.snapshot(expert, target_epoch), device))
+    first, last = to_device(store.snapshot(expert, 0), device), to_device(store.snapshot(expert, shortcut_end), device)
     norms = store.step_norms(expert)
 
     def point(t: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,24 @@
+"""`bench iteration`: each gradient mode timed against plain steps in a process of its own, with its own peak."""
+import pytest
+
+from mmdistill.config import load_config, to_dict
+from mmdistill.distill import _time_mode, bench_iteration
+
+
+def test_time_mode_stops_at_its_budget_after_one_timed_pair():
+    timed = _time_mode(to_dict(load_config("shapes-tiny")), "fd", 0.0, 5, 1)
+    assert timed["repeats"] == 1  # a spent budget still times one iteration and one set of plain steps
+    assert timed["seconds"] > 0 and timed["seconds_plain"] > 0 and timed["cpu_seconds"] > 0
+    assert 0.1 < timed["peak_rss_gib"] < 64
+
+
+@pytest.mark.slow
+def test_bench_iteration_reports_each_mode_and_its_own_peak():
+    result = bench_iteration(load_config("shapes-tiny"), budget_s=0.0, max_repeats=1)
+    for suffix in ("", "_tesla"):
+        seconds = result[f"seconds_per_iteration{suffix}"], result[f"seconds_plain_steps{suffix}"]
+        assert result[f"ratio{suffix}"] == seconds[0] / seconds[1]
+        assert result[f"repeats{suffix}"] == 1 and result[f"peak_rss_gib{suffix}"] > 0.1
+    assert result["gradient"] == "fd" and result["syn_steps"] == 3
+    # fd keeps one parameter copy per step, unroll the whole graph: both grow from 5 to 20 steps, unroll more
+    assert result["memory_ratio_20_vs_5_unroll"] > result["memory_ratio_20_vs_5"] > 0
