@@ -24,7 +24,7 @@ def one_thread():
 def tiny(tmp_path_factory):
     """shapes-tiny experts (2 experts x 3 epochs) and the overrides that point at their feature cache."""
     from mmdistill.config import load_config
-    from mmdistill.experts import train_experts
+    from mmdistill.experts.train import train_experts
 
     root = tmp_path_factory.mktemp("tiny")
     overrides = [f"cache_dir={root / 'cache'}"]

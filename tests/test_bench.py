@@ -1,8 +1,8 @@
 """`bench iteration`: each gradient mode timed against plain steps in a process of its own, with its own peak."""
 import pytest
 
+from mmdistill.bench.iteration import _time_mode, bench_iteration
 from mmdistill.config import load_config, to_dict
-from mmdistill.distill import _time_mode, bench_iteration
 
 
 def test_time_mode_stops_at_its_budget_after_one_timed_pair():

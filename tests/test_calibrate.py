@@ -4,14 +4,23 @@ import math
 import pytest
 import torch
 
-from mmdistill.calibrate import LR_GRID, _best_lr, LR_MARGIN, RELATIVE_STEP, SAMPLES, _windows, calibrate, expert_epochs_for
-from mmdistill.collapse import CollapseWatch, window_for
 from mmdistill.config import load_config, with_method
-from mmdistill.distill import Distiller, plan_phases, resolve_expert_epochs
+from mmdistill.distill.calibrate import (
+    LR_GRID,
+    LR_MARGIN,
+    RELATIVE_STEP,
+    SAMPLES,
+    _best_lr,
+    _windows,
+    calibrate,
+    expert_epochs_for,
+)
+from mmdistill.distill.collapse import CollapseWatch, window_for
+from mmdistill.distill.engine import Distiller, plan_phases, resolve_expert_epochs
+from mmdistill.distill.matching import matching_gradient
 from mmdistill.errors import UserError
-from mmdistill.evaluate import failure_notes, format_table
-from mmdistill.experts import ExpertStore
-from mmdistill.matching import matching_gradient
+from mmdistill.evaluation.results import failure_notes, format_table
+from mmdistill.experts.store import ExpertStore
 from mmdistill.prepare import prepare
 from mmdistill.similarity import full_matrix
 

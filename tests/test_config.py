@@ -148,7 +148,7 @@ def test_paper_presets_have_the_papers_budgets_and_the_specs_phases(name):
     """Budgets 100/200/500 as the paper states them (not the reference's off-by-one 99/199/499), 2000 iterations
     per phase, the convexified windows 0_6 / 0_8, one sim_rank per phase, E = 1 and the reference's lr update."""
     from mmdistill.config import load_config
-    from mmdistill.distill import plan_phases
+    from mmdistill.distill.engine import plan_phases
 
     cfg = load_config(name)
     budget = int(name.split("-")[1])
@@ -166,7 +166,7 @@ def test_paper_presets_have_the_papers_budgets_and_the_specs_phases(name):
 
 def test_each_method_runs_with_its_own_published_settings():
     from mmdistill.config import load_config, with_method
-    from mmdistill.distill import plan_phases
+    from mmdistill.distill.engine import plan_phases
 
     lors = load_config("flickr30k-100", ["distill.method=lors"])
     dc = lors.distill

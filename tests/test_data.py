@@ -10,10 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdistill.data import (SOURCE_FLIP_SAFE, SOURCES, Split, build_splits, clean_caption, emoji, load_image,
-                            shapes)
-from mmdistill.data.transforms import (CLIP_MEAN, CLIP_STD, ImageDataset, SpecRandAugment, augment_batch,
-                                       build_transform, pixel_tensor)
+from mmdistill.data import SOURCE_FLIP_SAFE, SOURCES, Split, build_splits, clean_caption, emoji, load_image, shapes
+from mmdistill.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageDataset,
+    SpecRandAugment,
+    augment_batch,
+    build_transform,
+    pixel_tensor,
+)
 from mmdistill.errors import UserError
 
 

@@ -14,10 +14,10 @@ import torch
 
 import mmdistill.distill as distill_module
 from mmdistill.config import load_config, with_method
-from mmdistill.distill import SyntheticSet, distill, plan_phases
-from mmdistill.synthetic import load_synthetic
+from mmdistill.distill.engine import SyntheticSet, distill, plan_phases
 from mmdistill.errors import UserError
-from mmdistill.experts import train_experts
+from mmdistill.experts.train import train_experts
+from mmdistill.synthetic import load_synthetic
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

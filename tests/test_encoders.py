@@ -123,8 +123,15 @@ def test_text_encoder_is_frozen_and_stays_in_eval_mode(minilm):
 
 def _tiny_hf_model(folder, kind):
     """A randomly initialised small transformers model saved with MiniLM's (BERT WordPiece) tokenizer."""
-    from transformers import (AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection,
-                              DistilBertConfig, DistilBertModel)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        DistilBertConfig,
+        DistilBertModel,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM_PATH)
     torch.manual_seed(0)

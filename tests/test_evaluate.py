@@ -13,8 +13,9 @@ from mmdistill.config import load_config
 from mmdistill.data import Split
 from mmdistill.encoders import CLIP_MEAN, CLIP_STD
 from mmdistill.errors import UserError
-from mmdistill.evaluate import (METRICS, coreset_phases, evaluate_command, format_table, full_data_metrics,
-                                train_and_test)
+from mmdistill.evaluation.baselines import coreset_phases, full_data_metrics
+from mmdistill.evaluation.results import METRICS, evaluate_command, format_table
+from mmdistill.evaluation.student import train_and_test
 from mmdistill.model import build_model
 from mmdistill.prepare import Prepared
 from mmdistill.synthetic import DistilledSet

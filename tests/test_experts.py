@@ -15,10 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmdistill import experts
+from mmdistill.bench.storage import bench_storage
 from mmdistill.config import load_config
 from mmdistill.errors import UserError
-from mmdistill.experts import (ExpertStore, bench_storage, export_reference, import_reference, tensor_norms,
-                               train_experts, write_expert)
+from mmdistill.experts.reference import export_reference, import_reference
+from mmdistill.experts.store import ExpertStore, tensor_norms, write_expert
+from mmdistill.experts.train import train_experts
 from mmdistill.model import GROUPS, ParamLayout, build_model
 from mmdistill.utils import derive_seed
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from mmdistill.distill.matching import InnerLoop, InnerPlan, matching_gradient
 from mmdistill.encoders import ConvNet
 from mmdistill.losses import LOSSES
-from mmdistill.matching import InnerLoop, InnerPlan, matching_gradient
 from mmdistill.model import DualEncoder
 from mmdistill.similarity import init_similarity, similarity_block
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mmdistill.metrics import bench_metrics, retrieval_metrics, retrieval_metrics_reference
+from mmdistill.bench.metrics import bench_metrics, retrieval_metrics_reference
+from mmdistill.metrics import retrieval_metrics
 
 KEYS = ["IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"]
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mmdistill.io import save_tensors
-from mmdistill.report import markdown_table, write_report
+from mmdistill.report.document import markdown_table, write_report
 
 METHODS = ("ptm-st", "random", "full")
 

@@ -8,9 +8,9 @@ import torch
 
 import mmdistill.distill as distill_module
 from mmdistill.config import load_config
-from mmdistill.distill import distill, distill_keys
+from mmdistill.distill.engine import distill, distill_keys
 from mmdistill.errors import UserError
-from mmdistill.experts import train_experts
+from mmdistill.experts.train import train_experts
 from mmdistill.pipeline import Ledger
 from mmdistill.prepare import prepare
 from mmdistill.synthetic import load_synthetic

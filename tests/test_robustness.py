@@ -5,8 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mmdistill.bench.robustness import build_tuxpaint_folder, robustness_sets, summarize, write_robustness_report
 from mmdistill.data.folder import build as build_folder
-from mmdistill.robustness import build_tuxpaint_folder, robustness_sets, summarize, write_robustness_report
 
 
 def _entry(r_mean):

@@ -15,7 +15,7 @@ import mmdistill
 from mmdistill.cli import main
 from mmdistill.config import load_config
 from mmdistill.errors import UserError
-from mmdistill.evaluate import evaluate_command
+from mmdistill.evaluation.results import evaluate_command
 from mmdistill.pipeline import run
 from mmdistill.synthetic import CLIP_NORMALIZATION, export, load_distilled, load_synthetic, phases_for, write_phase
 

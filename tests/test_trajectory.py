@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mmdistill.errors import UserError
-from mmdistill.experts import ExpertStore, expert_path, trajectory_step_norms, write_expert
+from mmdistill.experts.shortcut import export_shortcut, matching_pair, shortcut_window
+from mmdistill.experts.store import ExpertStore, expert_path, trajectory_step_norms, write_expert
 from mmdistill.model import GROUPS, ParamLayout
-from mmdistill.trajectory import export_shortcut, matching_pair, shortcut_window
 
 # 'img' has a tensor that never moves ('frozen'): its beta must stay 0 without NaN.
 LAYOUTS = {

@@ -1,6 +1,6 @@
 """`python -m mmdistill` (also how torchrun launches it)."""
 import sys
 
-from .cli import main
+from mmdistill.cli import main
 
 sys.exit(main())

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from mmdistill import __version__
+from mmdistill.errors import UserError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_SINKS = ("tensorboard", "wandb")
@@ -21,7 +21,7 @@ LOG_SINKS = ("tensorboard", "wandb")
 def _config(args):
     """The validated config of a command. Called before the command imports torch or anything heavy, so that a
     typo in a key or a value is reported within a fraction of a second."""
-    from .config import load_config
+    from mmdistill.config import load_config
 
     overrides = list(args.global_set or []) + list(args.set or [])
     if getattr(args, "seed", None) is not None:
@@ -39,14 +39,14 @@ def _sink(args):
     spec = getattr(args, "log", None)
     if not spec:
         return None
-    from .tracking import open_sink
+    from mmdistill.tracking import open_sink
 
     return open_sink(spec[0], spec[1] if len(spec) > 1 else None)
 
 
 # -- subcommand bodies (imports are local, after the config is built, so errors in it come fast) ---------
 def cmd_presets(args):
-    from .config import _preset_chain, preset_names
+    from mmdistill.config import _preset_chain, preset_names
 
     names = preset_names()
     width = max(map(len, names))
@@ -56,14 +56,14 @@ def cmd_presets(args):
 
 
 def cmd_config(args):
-    from .config import to_yaml
+    from mmdistill.config import to_yaml
 
     print(to_yaml(_config(args)), end="")
 
 
 def cmd_prepare(args):
     cfg = _config(args)
-    from .prepare import prepare, print_summary
+    from mmdistill.prepare import prepare, print_summary
 
     print_summary(prepare(cfg, verbose=True))
 
@@ -71,19 +71,19 @@ def cmd_prepare(args):
 def cmd_experts(args):
     cfg = _config(args)
     with _tracked(args):
-        from .experts import train_experts
+        from mmdistill.experts.train import train_experts
 
         train_experts(cfg, Path(args.out), restart=args.restart)
 
 
 def cmd_experts_import(args):
-    from .experts import import_reference
+    from mmdistill.experts.reference import import_reference
 
     import_reference(Path(args.source), Path(args.out), fmt=args.format)
 
 
 def cmd_shortcut(args):
-    from .trajectory import export_shortcut
+    from mmdistill.experts.shortcut import export_shortcut
 
     export_shortcut(Path(args.experts), Path(args.out), args.start, args.end, fmt=args.format)
 
@@ -91,7 +91,7 @@ def cmd_shortcut(args):
 def cmd_distill(args):
     cfg = _config(args)
     with _tracked(args):
-        from .distill import distill
+        from mmdistill.distill.engine import distill
 
         distill(cfg, Path(args.experts), Path(args.out), resume=args.resume, restart=args.restart)
 
@@ -101,20 +101,20 @@ def cmd_evaluate(args):
         args.set = list(args.set or []) + [f"evaluate.runs={args.runs}"]
     cfg = _config(args)
     with _tracked(args):
-        from .evaluate import evaluate_command
+        from mmdistill.evaluation.results import evaluate_command
 
         evaluate_command(cfg, Path(args.synthetic), Path(args.out), fmt=args.format)
 
 
 def cmd_export(args):
-    from .synthetic import export, load_distilled
+    from mmdistill.synthetic import export, load_distilled
 
     out = export(load_distilled(Path(args.source)), args.to, Path(args.out), push=args.push)
     print(f"exported to {out}" + (f" and pushed to {args.push}" if args.push else ""))
 
 
 def cmd_inspect(args):
-    from .synthetic import describe, load_distilled
+    from mmdistill.synthetic import describe, load_distilled
 
     print(describe(load_distilled(Path(args.source), args.format)))
 
@@ -122,13 +122,13 @@ def cmd_inspect(args):
 def cmd_run(args):
     cfg = _config(args)
     with _tracked(args):
-        from .pipeline import run
+        from mmdistill.pipeline import run
 
         run(cfg, Path(args.out), resume=args.resume, restart=args.restart)
 
 
 def cmd_demo(args):
-    from .pipeline import demo
+    from mmdistill.pipeline import demo
 
     demo(Path(args.out), device=args.device)
 
@@ -136,13 +136,13 @@ def cmd_demo(args):
 def cmd_ablate(args):
     cfg = _config(args)
     with _tracked(args):
-        from .pipeline import ablate
+        from mmdistill.pipeline import ablate
 
         ablate(cfg, Path(args.out))
 
 
 def cmd_bench(args):
-    from . import bench
+    from mmdistill import bench
 
     if args.what == "metrics":
         bench.metrics(as_json=args.json)
@@ -157,7 +157,7 @@ def cmd_bench(args):
 
 def _tracked(args):
     """The context in which a command's scalars go to the `--log` sink (none: a no-op context)."""
-    from .tracking import tracking
+    from mmdistill.tracking import tracking
 
     return tracking(_sink(args))
 

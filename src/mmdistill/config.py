@@ -20,8 +20,7 @@ import yaml
 from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from .errors import UserError
-
+from mmdistill.errors import UserError
 
 logger = logging.getLogger(__name__)
 

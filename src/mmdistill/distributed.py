@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .utils import resolve_device
+from mmdistill.utils import resolve_device
 
 
 def init(device: str = "auto") -> tuple[int, int]:

@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from .errors import UserError
-from .utils import progress_bar, resolve_device
-
+from mmdistill.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from mmdistill.errors import UserError
+from mmdistill.utils import progress_bar, resolve_device
 
 # ----------------------------------------------------------------------------------------------- image encoders
 

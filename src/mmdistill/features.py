@@ -16,12 +16,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .data import load_image
-from .data.transforms import build_transform
-from .encoders import build_image_encoder, build_text_encoder
-from .errors import UserError
-from .io import save_tensors
-from .utils import digest, progress_bar, resolve_device
+from mmdistill.data import load_image
+from mmdistill.data.transforms import build_transform
+from mmdistill.encoders import build_image_encoder, build_text_encoder
+from mmdistill.errors import UserError
+from mmdistill.io import save_tensors
+from mmdistill.utils import digest, progress_bar, resolve_device
 
 # Bump when the way features are computed changes, so older cache files are no longer picked up.
 FEATURE_FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import UserError
+from mmdistill.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .encoders import build_image_encoder
+from mmdistill.encoders import build_image_encoder
 
 GROUPS = ("img", "txt")
 
@@ -166,15 +166,3 @@ def build_model(model_cfg, *, text_dim: int, image_size: int, seed: int, device:
     return model
 
 
-TEXT_DIMS = {"minilm": 384, "hf:bert-base-uncased": 768}  # lets benchmarks size a student without a download
-
-
-def build_bench_model(cfg) -> DualEncoder:
-    """The preset's student with random init (no weight download), for benchmarks that need only its shapes."""
-    from omegaconf import OmegaConf
-
-    from .encoders import build_text_encoder
-
-    text_dim = TEXT_DIMS.get(cfg.model.text_encoder) or build_text_encoder(cfg.model.text_encoder).dim
-    return build_model(OmegaConf.merge(cfg.model, {"pretrained": False}), text_dim=text_dim,
-                       image_size=cfg.data.image_size, seed=0)

@@ -27,13 +27,20 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from .config import ABLATION, METHODS, changed_keys, flat_keys, load_config, to_dict, with_method
-from .coresets import CORESETS
-from .errors import UserError
-from .io import folder_lock, write_json
-from .utils import digest
-from .report import STAGES, write_report, write_table_report
-from .tracking import log_scalars, log_table
+from mmdistill.config import ABLATION, METHODS, changed_keys, flat_keys, load_config, to_dict, with_method
+from mmdistill.coresets import CORESETS
+from mmdistill.distill.engine import distill, distill_keys, plan_phases
+from mmdistill.errors import UserError
+from mmdistill.evaluation.baselines import evaluate_coreset, full_data_metrics
+from mmdistill.evaluation.results import evaluate_distilled, format_table
+from mmdistill.evaluation.student import evaluate_phases
+from mmdistill.experts.train import train_experts
+from mmdistill.io import folder_lock, write_json
+from mmdistill.prepare import check_pairs, prepare
+from mmdistill.report.document import STAGES, write_report, write_table_report
+from mmdistill.synthetic import load_phase, load_synthetic
+from mmdistill.tracking import log_scalars, log_table
+from mmdistill.utils import digest
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +142,6 @@ class Study:
         then evaluate it, a coreset or the full-data experts with one protocol and the same seeds.
 
         Returns the evaluation stage's record ("result": the results.json entry, "version")."""
-        from .distill import distill, distill_keys, plan_phases
-        from .synthetic import load_synthetic
-        from .evaluate import evaluate_coreset, evaluate_distilled, full_data_metrics
 
         cfg, experts_dir = self.cfg, self.out / "experts"
         upstream = self.experts
@@ -169,8 +173,6 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
     Only when the distillation kept snapshots (snapshots/phase-<p>-<iteration>.safetensors); at most
     CURVE_POINTS per phase, spread over the iterations, so the curve stays a small part of the evaluation.
     """
-    from .synthetic import load_phase
-    from .evaluate import evaluate_phases
 
     found: dict[int, list[tuple[int, Path]]] = {}
     for path in (target / "snapshots").glob("phase-*-*.safetensors"):
@@ -192,8 +194,6 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
 
 def _open(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
     """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
-    from .experts import train_experts
-    from .prepare import check_pairs, prepare
 
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out, resume, restart)
@@ -209,7 +209,6 @@ def _open(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
 
 def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], write: Callable[[dict], None]) -> dict:
     """Report stage `key` (reused when no row changed), then results.json with the timing of every stage."""
-    from .evaluate import format_table
 
     cfg, out = study.cfg, study.out
     results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(p.pairs for p in cfg.distill.phases),

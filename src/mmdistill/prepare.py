@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
-from .data.transforms import build_transform, pixel_tensor
-from .encoders import build_image_encoder
-from .errors import UserError
-from .features import image_features, text_features
-from .io import write_json
-from .utils import digest, resolve_device
+from mmdistill.data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
+from mmdistill.data.transforms import build_transform, pixel_tensor
+from mmdistill.encoders import build_image_encoder
+from mmdistill.errors import UserError
+from mmdistill.features import image_features, text_features
+from mmdistill.io import write_json
+from mmdistill.utils import digest, resolve_device
 
 SPLITS = ("train", "validation", "test")
 logger = logging.getLogger(__name__)

@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
-from .io import atomic_path, folder_lock, load_torch, save_tensors, write_json, write_text
-from .similarity import full_matrix
+from mmdistill.config import from_dict
+from mmdistill.data import build_splits, load_image
+from mmdistill.data.transforms import build_transform
+from mmdistill.encoders import build_image_encoder
+from mmdistill.errors import UserError
+from mmdistill.io import atomic_path, folder_lock, load_torch, save_tensors, write_json, write_text
+from mmdistill.similarity import full_matrix
 
 FORMAT_VERSION = "1.1"  # 1.1: phases may carry the live lrs beside the EMA lrs (LIVE_LRS)
 PHASE_FILE = re.compile(r"phase-(\d+)\.safetensors")
@@ -262,7 +266,6 @@ def _config_normalization(meta: dict) -> dict | None:
     model = meta.get("config", {}).get("model")
     if not model:
         return None
-    from .encoders import build_image_encoder
 
     encoder = build_image_encoder(model["image_encoder"], image_size=meta["config"]["data"]["image_size"],
                                   pretrained=False, **model.get("convnet", {}))
@@ -467,9 +470,6 @@ def _export_rows(distilled: DistilledSet) -> list[dict]:
 
 def _nearest_real_images(distilled: DistilledSet) -> list[torch.Tensor]:
     """Per phase, the nearest real training image of each synthetic feature (ids recorded at distillation)."""
-    from .config import from_dict
-    from .data import build_splits, load_image
-    from .data.transforms import build_transform
 
     ids = []
     for p, captions in enumerate(distilled.captions):

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import Iterator, Protocol
 
-from .errors import UserError
+from mmdistill.errors import UserError
 
 
 class Sink(Protocol):

@@ -17,8 +17,19 @@ from __future__ import annotations
 
 import os
 
-from mmdistill.data import (ANNOTATION_DIRS, SPLIT_NAMES, cfg_value, find_annotation, parse_record, read_json_list,
-                            requested_size, require_root, seeded_partition, split_from_entries, split_from_pairs)
+from mmdistill.data import (
+    ANNOTATION_DIRS,
+    SPLIT_NAMES,
+    cfg_value,
+    find_annotation,
+    parse_record,
+    read_json_list,
+    requested_size,
+    require_root,
+    seeded_partition,
+    split_from_entries,
+    split_from_pairs,
+)
 from mmdistill.errors import UserError
 
 FLIP_SAFE = True

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .experts import (ExpertStore, expert_path, require_no_experts, trajectory_step_norms, write_expert,
-                      write_reference)
-from .model import GROUPS, ParamLayout
+from mmdistill.errors import UserError
+from mmdistill.experts.reference import require_no_experts, write_reference
+from mmdistill.experts.store import ExpertStore, expert_path, trajectory_step_norms, write_expert
+from mmdistill.model import GROUPS, ParamLayout
 
 logger = logging.getLogger(__name__)
 

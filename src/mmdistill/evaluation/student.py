@@ -11,40 +11,31 @@ memory, and pixels of synthetic images are pushed through a frozen encoder once 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.optim import SGD
 
-from .coresets import CORESETS, select_coreset
-from .data.transforms import normalize
-from .errors import UserError
-from .experts import ExpertStore
-from .io import folder_lock, write_json
-from .losses import LOSSES
-from .metrics import retrieval_metrics
-from .model import GROUPS, DualEncoder, build_model
-from .prepare import Prepared, prepare
-from .similarity import similarity_block
-from .synthetic import live_lrs
-from .tracking import log_table
-from .utils import derive_seed, generator, resolve_device
+from mmdistill.config import from_dict
+from mmdistill.data.transforms import normalize
+from mmdistill.errors import UserError
+from mmdistill.evaluation.results import METRICS
+from mmdistill.losses import LOSSES
+from mmdistill.metrics import retrieval_metrics
+from mmdistill.model import GROUPS, DualEncoder, build_model
+from mmdistill.prepare import Prepared, prepare
+from mmdistill.similarity import similarity_block
+from mmdistill.synthetic import live_lrs, phases_for
+from mmdistill.utils import derive_seed, generator, resolve_device
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
 EMBED_BATCH = 512  # images or captions per forward pass when embedding a whole split
-SIM_CHUNK = 4096  # captions per block of the caption x image matrix in the forgetting statistics
-
-
 # -- image inputs ----------------------------------------------------------------------------------------
 def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, device) -> torch.Tensor:
     """Images as the student's trained part eats them.
@@ -293,8 +284,6 @@ def train_student(distilled, cfg=None, *, seed: int | None = None, device: str |
     """
     from omegaconf import OmegaConf
 
-    from .config import from_dict
-    from .synthetic import phases_for
 
     if cfg is None:
         if "config" not in distilled.meta:
@@ -329,168 +318,6 @@ def evaluate_phases(cfg, bundle: Prepared, phases: list[dict], *, runs: int, see
     return summarize_runs(per_run, cfg.evaluate.protocol)
 
 
-# -- baselines at the same budget ------------------------------------------------------------------------
-def _full_data_model(cfg, bundle: Prepared, store, epoch: int, device) -> DualEncoder:
-    """A student holding expert 0's parameters after `epoch` epochs on the full training data."""
-    model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=0, device=device)
-    model.set_flat(store.snapshot(0, epoch))
-    return model
-
-
-def _train_embeddings(cfg, model: DualEncoder, bundle: Prepared, device):
-    """L2-normalised embeddings of every training image and caption."""
-    chunks = _input_chunks(model, bundle, "train", cfg.data.image_size, not model.image_trainable, device)
-    image_emb, text_emb = _embed(model, chunks, bundle.texts["train"], device)
-    return F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
-
-
-def _correct_history(cfg, bundle: Prepared, store, device) -> torch.Tensor:
-    """[epochs, captions]: after each epoch of expert 0, is the caption's own image its top-1 retrieval?
-
-    A pair counts as learned when, among all training images, its caption retrieves its image first
-    (text -> image, argmax ties to the smallest image id).
-    """
-    txt2img = torch.tensor(bundle.splits["train"].txt2img, device=device)
-    history = []
-    for epoch in range(1, store.epochs + 1):
-        image_emb, text_emb = _train_embeddings(cfg, _full_data_model(cfg, bundle, store, epoch, device), bundle,
-                                                device)
-        top1 = torch.cat([(chunk @ image_emb.T).argmax(1) for chunk in text_emb.split(SIM_CHUNK)])
-        history.append((top1 == txt2img).cpu())
-    return torch.stack(history)
-
-
-def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> list[dict]:
-    """One phase of real training pairs chosen by a coreset method at the distillation budget.
-
-    The pairs are caption entries (a caption and its image); S is the identity and the learning rates are the
-    ones real data trains with (`experts.lr_img`, `experts.lr_txt`; `evaluate_coreset` tries others), so they
-    train under the same protocol and loss (`distill.loss`) as a distilled set.
-    Herding and k-center select on the concatenated image and text embeddings of a full-data model (expert 0's
-    final snapshot), forgetting on expert 0's training dynamics (see `_correct_history`).
-    """
-    if method not in CORESETS:
-        raise UserError(f"unknown coreset baseline {method!r}; choose from {', '.join(CORESETS)}")
-    split = bundle.splits["train"]
-    pairs = sum(p.pairs for p in cfg.distill.phases)
-    if pairs > len(split.captions):
-        raise UserError(f"the budget of {pairs} pairs exceeds the {len(split.captions)} training captions")
-    gen = generator(seed, "coreset", method)
-    device = resolve_device(cfg.device)
-    if method == "random":
-        index = select_coreset(method, pairs, generator=gen, num_items=len(split.captions))
-    else:
-        store = ExpertStore(experts_dir)
-        if method == "forgetting":
-            index = select_coreset(method, pairs, generator=gen,
-                                   correct_history=_correct_history(cfg, bundle, store, device))
-        else:
-            model = _full_data_model(cfg, bundle, store, store.epochs, device)
-            image_emb, text_emb = _train_embeddings(cfg, model, bundle, device)
-            features = torch.cat([image_emb[torch.tensor(split.txt2img, device=device)], text_emb], dim=1)
-            index = select_coreset(method, pairs, generator=gen, features=features)
-    index = index.cpu()
-    images, texts = bundle.pairs("train", index, cfg.distill.space, cfg.data.image_size)
-    return [{"images": images, "texts": texts, "captions": index,
-             "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]),
-             "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
-
-
-def evaluate_coreset(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> dict:
-    """A coreset's results.json entry with the lr of `evaluate.coreset_lrs` chosen on validation.
-
-    A distilled set brings its learned lrs; real pairs do not, and their recall depends on the lr several-fold
-    (shapes-100 random coreset: test r_mean 1.9 at lr 0.1, 7.4 at 0.03), so each lr of the grid trains the same
-    `evaluate.runs` seeds and the one with the best mean validation r_mean is reported (its test recall).
-    """
-    (phase,) = coreset_phases(cfg, bundle, method, experts_dir, seed)
-    grid = list(cfg.evaluate.coreset_lrs) or [None]
-    best, scores = None, {}
-    for lr in grid:
-        if lr is not None:
-            phase = {**phase, "lr_img": torch.tensor([lr]), "lr_txt": torch.tensor([lr])}
-        result = evaluate_phases(cfg, bundle, [phase], runs=cfg.evaluate.runs, seed=seed)
-        score = statistics.fmean(run["val"]["r_mean"] for run in result["per_run"])
-        scores[str(lr if lr is not None else "experts")] = round(score, 4)
-        if best is None or score > best[0]:
-            best = (score, result, lr)
-    return {**best[1], "lr": best[2], "val_r_mean_by_lr": scores}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"corrupt JSON in {path} (line {err.lineno}): {err.msg}") from None
-
-
-def full_data_metrics(experts_dir) -> dict:
-    """The experts' mean final test recall (summary.json), in the format of an evaluated method."""
-    path = Path(experts_dir) / "summary.json"
-    summary = _read_json(path)
-    if "test" not in summary:
-        raise UserError(f"{path} has no 'test' entry: train the experts again")
-    test, std = summary["test"], summary.get("test_std", {})
-    return {**{m: test[m] for m in METRICS}, "r_mean_std": std.get("r_mean", 0.0),
-            "runs": summary.get("experts", 1), "std": {m: std.get(m, 0.0) for m in METRICS},
-            "protocol": "full data (experts' final epoch)"}
-
-
-# -- command ---------------------------------------------------------------------------------------------
-def results_path(out: Path) -> Path:
-    """`--out` names a folder (results.json goes inside) or, ending in .json, the file itself."""
-    out = Path(out)
-    return out if out.suffix == ".json" else out / "results.json"
-
-
-def format_table(methods: dict) -> str:
-    """One line per method: the six recalls, r_mean +- std, runs, how many runs diverged, if any (their numbers
-    are the last finite checkpoint's, so the table must say so), and FAILED / BELOW RANDOM where it applies."""
-    header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}  status"
-    lines = [header]
-    for name, entry in methods.items():
-        recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
-        diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
-        status = f"  {method_status(entry, methods)}".rstrip()
-        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
-                     f"{status}{diverged}")
-    notes = failure_notes(methods)
-    return "\n".join(lines + ([""] + notes if notes else []))
-
-
-def method_status(entry: dict, methods: dict) -> str:
-    """FAILED for a distillation with a collapsed phase, BELOW RANDOM for one under the random coreset."""
-    if entry.get("collapsed_phases"):
-        return "FAILED"
-    random = methods.get("random")
-    if "collapsed_phases" in entry and random is not None and entry["r_mean"] < random["r_mean"]:
-        return "BELOW RANDOM"
-    return ""
-
-
-def failure_notes(methods: dict) -> list[str]:
-    """Plain sentences for every distilled set that failed or lost to the random coreset."""
-    notes, random = [], methods.get("random")
-    for name, entry in methods.items():
-        for collapse in entry.get("collapsed_phases", []):
-            notes.append(f"{name} FAILED: phase {collapse['phase']} collapsed at iteration {collapse['iteration']}"
-                         f" ({collapse['reason']}); its distilled set is not a result.")
-        if random is not None and "collapsed_phases" in entry and entry["r_mean"] < random["r_mean"]:
-            notes.append(f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
-                         " the distilled set is worse than the same number of random real pairs.")
-    return notes
-
-
-def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
-    """A distilled set's results entry: evaluate_phases with the config's runs and seed, plus the collapse
-    records of its phases (`collapsed_phases`, empty when every phase learned), which the tables mark FAILED."""
-    entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
-    return {**entry, "collapsed_phases": [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases)
-                                          if phase.get("collapse")]}
-
-
 # What a student trains with that the distillation chose: its method's loss and the student's temperature (the
 # similarity kind and sim_alpha travel in each phase file). A set distilled with LoRS' settings must be scored
 # with them, not with the preset's default method.
@@ -517,30 +344,3 @@ def with_run_method(cfg, meta: dict):
     return cfg
 
 
-def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
-    """`mmdistill evaluate`: evaluate a distilled set (any layout `synthetic.load_distilled` reads, or another code
-    base's with `fmt`) and merge its entry into results.json."""
-    from .synthetic import load_distilled, phases_for
-
-    distilled = load_distilled(synthetic, fmt)
-    method = distilled.method
-    cfg = with_run_method(cfg, distilled.meta)
-    bundle = prepare(cfg)
-    phases = phases_for(distilled, cfg, bundle)
-    path = results_path(out_path)
-    with folder_lock(path.parent):
-        results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
-                   "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
-        if path.exists():
-            old = _read_json(path)
-            if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
-                raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another"
-                                " --out")
-            results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
-        start = time.perf_counter()
-        results["methods"][method] = evaluate_distilled(cfg, bundle, phases)
-        results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
-        write_json(results, path)
-    log_table(results["methods"])
-    print(format_table(results["methods"]))
-    return results

@@ -16,7 +16,7 @@ def _show(result: dict, as_json: bool) -> None:
 
 def storage(cfg, out=None, as_json: bool = False) -> dict:
     """Bytes per expert in our format (fp32, half) against the reference layout (+ its convexified copies)."""
-    from .experts import bench_storage
+    from mmdistill.bench.storage import bench_storage
 
     result = bench_storage(cfg)
     _show(result, as_json)
@@ -25,7 +25,7 @@ def storage(cfg, out=None, as_json: bool = False) -> dict:
 
 def iteration(cfg, out=None, as_json: bool = False) -> dict:
     """Seconds per distillation iteration vs plain training steps, and memory at syn_steps 5 vs 20."""
-    from .distill import bench_iteration
+    from mmdistill.bench.iteration import bench_iteration
 
     result = bench_iteration(cfg)
     _show(result, as_json)
@@ -34,7 +34,7 @@ def iteration(cfg, out=None, as_json: bool = False) -> dict:
 
 def quality(cfg, out=None, as_json: bool = False) -> dict:
     """All methods and coresets side by side, same seeds."""
-    from .pipeline import bench_quality
+    from mmdistill.pipeline import bench_quality
 
     result = bench_quality(cfg, out)
     if as_json:
@@ -46,7 +46,7 @@ def robustness(cfg=None, out=None, as_json: bool = False) -> dict:
     """The default settings on sets no preset was tuned on, 50 and 100 pairs: ptm-st vs random vs full data."""
     from pathlib import Path
 
-    from .robustness import run_robustness
+    from mmdistill.bench.robustness import run_robustness
 
     result = run_robustness(Path(out) if out else Path("runs") / "robustness")
     if as_json:
@@ -56,7 +56,7 @@ def robustness(cfg=None, out=None, as_json: bool = False) -> dict:
 
 def metrics(as_json: bool = False) -> dict:
     """Retrieval metrics by counting vs per-row argsort loops on 1000 x 5000, and alone on 5000 x 25000."""
-    from .metrics import bench_metrics
+    from mmdistill.bench.metrics import bench_metrics
 
     result = bench_metrics()
     _show(result, as_json)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config
-from .errors import UserError
-from .io import atomic_path, write_json, write_text
+from mmdistill.config import load_config
+from mmdistill.errors import UserError
+from mmdistill.io import atomic_path, write_json, write_text
+from mmdistill.pipeline import compare
+from mmdistill.report.figures import robustness_chart
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,6 @@ def build_tuxpaint_folder(out: Path, stamps: Path = TUXPAINT_STAMPS, seed: int =
 
 def run_robustness(out: Path, budgets=BUDGETS, names: list[str] | None = None) -> dict:
     """Every set x budget through `run`'s stages (ptm-st, random, full); results.json + robustness.md + chart."""
-    from .pipeline import compare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,6 @@ def summarize(rows: list[dict]) -> dict:
 
 def write_robustness_report(out: Path, results: dict) -> None:
     """robustness.md: one table (r_mean ± std per method, ratio to random, collapsed) and a grouped bar chart."""
-    from .report import robustness_chart
 
     lines = ["# Robustness: default settings on sets no preset was tuned on", "",
              "| set | pairs | ptm-st | random coreset | full data | ptm-st / random | collapsed |",

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import autograd, nn
 
-from .similarity import full_matrix, similarity_block
+from mmdistill.similarity import full_matrix, similarity_block
 
 LR_KEYS = {"img": "lr_img", "txt": "lr_txt"}  # the learnable student learning rate of each parameter group
 

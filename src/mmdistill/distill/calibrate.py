@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.func import jvp
 
-from .collapse import NO_MOVE_MARGIN, no_move_loss
-from .config import AUTO, PhaseConfig
-from .similarity import full_matrix
-from .matching import InnerLoop, InnerPlan, matching_gradient, matching_loss
-from .trajectory import matching_pair
-from .utils import generator
+from mmdistill.config import AUTO, PhaseConfig
+from mmdistill.distill.collapse import NO_MOVE_MARGIN, no_move_loss
+from mmdistill.distill.matching import InnerLoop, InnerPlan, matching_gradient, matching_loss
+from mmdistill.experts.shortcut import matching_pair
+from mmdistill.similarity import full_matrix
+from mmdistill.utils import generator
 
 SAMPLES = 8  # expert windows the measurements average over
 LR_GRID = tuple(10 ** (e / 4) for e in range(-24, 1))  # 1e-6 .. 1, four points per decade

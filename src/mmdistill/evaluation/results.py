@@ -1,0 +1,98 @@
+"""Results entries and tables: one entry per method (mean/std over runs), its status against random, and the
+`evaluate` command."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from mmdistill.errors import UserError
+from mmdistill.evaluation.baselines import _read_json
+from mmdistill.evaluation.student import evaluate_phases, with_run_method
+from mmdistill.io import folder_lock, write_json
+from mmdistill.prepare import Prepared, prepare
+from mmdistill.synthetic import load_distilled, phases_for
+from mmdistill.tracking import log_table
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+# -- command ---------------------------------------------------------------------------------------------
+def results_path(out: Path) -> Path:
+    """`--out` names a folder (results.json goes inside) or, ending in .json, the file itself."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out / "results.json"
+
+
+def format_table(methods: dict) -> str:
+    """One line per method: the six recalls, r_mean +- std, runs, how many runs diverged, if any (their numbers
+    are the last finite checkpoint's, so the table must say so), and FAILED / BELOW RANDOM where it applies."""
+    header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}  status"
+    lines = [header]
+    for name, entry in methods.items():
+        recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
+        diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
+        status = f"  {method_status(entry, methods)}".rstrip()
+        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
+                     f"{status}{diverged}")
+    notes = failure_notes(methods)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def method_status(entry: dict, methods: dict) -> str:
+    """FAILED for a distillation with a collapsed phase, BELOW RANDOM for one under the random coreset."""
+    if entry.get("collapsed_phases"):
+        return "FAILED"
+    random = methods.get("random")
+    if "collapsed_phases" in entry and random is not None and entry["r_mean"] < random["r_mean"]:
+        return "BELOW RANDOM"
+    return ""
+
+
+def failure_notes(methods: dict) -> list[str]:
+    """Plain sentences for every distilled set that failed or lost to the random coreset."""
+    notes, random = [], methods.get("random")
+    for name, entry in methods.items():
+        for collapse in entry.get("collapsed_phases", []):
+            notes.append(f"{name} FAILED: phase {collapse['phase']} collapsed at iteration {collapse['iteration']}"
+                         f" ({collapse['reason']}); its distilled set is not a result.")
+        if random is not None and "collapsed_phases" in entry and entry["r_mean"] < random["r_mean"]:
+            notes.append(f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
+                         " the distilled set is worse than the same number of random real pairs.")
+    return notes
+
+
+def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
+    """A distilled set's results entry: evaluate_phases with the config's runs and seed, plus the collapse
+    records of its phases (`collapsed_phases`, empty when every phase learned), which the tables mark FAILED."""
+    entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
+    return {**entry, "collapsed_phases": [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases)
+                                          if phase.get("collapse")]}
+
+
+def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
+    """`mmdistill evaluate`: evaluate a distilled set (any layout `synthetic.load_distilled` reads, or another code
+    base's with `fmt`) and merge its entry into results.json."""
+
+    distilled = load_distilled(synthetic, fmt)
+    method = distilled.method
+    cfg = with_run_method(cfg, distilled.meta)
+    bundle = prepare(cfg)
+    phases = phases_for(distilled, cfg, bundle)
+    path = results_path(out_path)
+    with folder_lock(path.parent):
+        results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
+                   "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
+        if path.exists():
+            old = _read_json(path)
+            if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
+                raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another"
+                                " --out")
+            results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
+        start = time.perf_counter()
+        results["methods"][method] = evaluate_distilled(cfg, bundle, phases)
+        results["timing"]["evaluate_s"] = results["timing"].get("evaluate_s", 0.0) + time.perf_counter() - start
+        write_json(results, path)
+    log_table(results["methods"])
+    print(format_table(results["methods"]))
+    return results
