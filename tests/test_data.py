@@ -162,7 +162,7 @@ def test_shapes_rejects_bad_sizes():
 # ---- emoji --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isfile(emoji.FONT_PATH), reason="fonts-noto-color-emoji is not installed")
+@pytest.mark.skipif(not os.path.isfile(emoji.FONT_PATH), reason="Debian's fonts-noto-color-emoji is not installed: `make setup` installs it when it runs as root or with sudo")
 def test_emoji_splits():
     splits = build_splits(config("emoji"))
     names, pixels = emoji.render_all(16)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mmdistill.distill as distill_module
+import mmdistill.distill.engine as distill_module
 from mmdistill.config import load_config, with_method
 from mmdistill.distill.engine import SyntheticSet, distill, plan_phases
 from mmdistill.errors import UserError

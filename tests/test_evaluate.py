@@ -7,7 +7,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the tests 
 import pytest
 import torch
 
-import mmdistill.evaluate as evaluate
+import mmdistill.evaluation.baselines as baselines
+import mmdistill.evaluation.student as evaluate
 import mmdistill.synthetic
 from mmdistill.config import load_config
 from mmdistill.data import Split
@@ -48,8 +49,9 @@ def make_bundle(sizes=(40, 30, 40), seed=0, same_eval=False):
     gen = torch.Generator().manual_seed(seed)
     mixing = torch.randn(FEATURE_DIM, TEXT_DIM, generator=gen) / math.sqrt(FEATURE_DIM)
     bundle = Prepared(splits={}, texts={}, mean=CLIP_MEAN, std=CLIP_STD)
+    train = make_split("train", sizes[0], gen, mixing)
     for name, n in zip(("train", "validation", "test"), sizes):
-        made = make_split(name, n, gen, mixing) if not (same_eval and name != "train") else made
+        made = train if name == "train" or same_eval else make_split(name, n, gen, mixing)
         bundle.splits[name], bundle.features[name], bundle.texts[name], bundle.pixels[name] = made
     return bundle
 
@@ -196,7 +198,7 @@ def test_coreset_lr_is_chosen_on_validation():
     cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "evaluate.runs=2", "distill.phases.0.pairs=40",
                    "distill.phases.1.pairs=40", "evaluate.coreset_lrs=[0.0001, 0.5]")
     bundle = make_bundle()
-    entry = evaluate.evaluate_coreset(cfg, bundle, "random", None, seed=0)
+    entry = baselines.evaluate_coreset(cfg, bundle, "random", None, seed=0)
     assert entry["lr"] == 0.5 and set(entry["val_r_mean_by_lr"]) == {"0.0001", "0.5"}
     assert entry["val_r_mean_by_lr"]["0.5"] > entry["val_r_mean_by_lr"]["0.0001"]
     (phase,) = coreset_phases(cfg, bundle, "random", None, seed=0)
@@ -238,7 +240,7 @@ class FakeStore:
 @pytest.mark.parametrize("method", ["herding", "kcenter", "forgetting"])
 def test_model_based_coresets_select_distinct_pairs(monkeypatch, method):
     cfg = make_cfg(frozen=False)
-    monkeypatch.setattr(evaluate, "ExpertStore", lambda folder: FakeStore(cfg))
+    monkeypatch.setattr(baselines, "ExpertStore", lambda folder: FakeStore(cfg))
     (phase,) = coreset_phases(cfg, make_bundle(), method, "experts", seed=0)
     assert len(set(phase["captions"].tolist())) == 20
 
@@ -246,9 +248,9 @@ def test_model_based_coresets_select_distinct_pairs(monkeypatch, method):
 def test_forgetting_history_marks_top1_text_to_image_retrievals():
     cfg = make_cfg()
     bundle = make_bundle()
-    history = evaluate._correct_history(cfg, bundle, FakeStore(cfg), torch.device("cpu"))
+    history = baselines._correct_history(cfg, bundle, FakeStore(cfg), torch.device("cpu"))
     assert history.dtype == torch.bool and history.shape == (3, 80)
-    model = evaluate._full_data_model(cfg, bundle, FakeStore(cfg), 2, "cpu").eval()
+    model = baselines._full_data_model(cfg, bundle, FakeStore(cfg), 2, "cpu").eval()
     with torch.no_grad():
         sim = model(bundle.features["train"], bundle.texts["train"])
     torch.testing.assert_close(history[1], sim.argmax(0) == torch.tensor(bundle.splits["train"].txt2img))

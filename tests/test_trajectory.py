@@ -1,4 +1,4 @@
-"""Shortcut trajectories (spec 4) against a direct per-tensor implementation of the formula, on hand-made experts."""
+"""Shortcut trajectories against a direct per-tensor implementation of the formula, on hand-made experts."""
 import pytest
 import torch
 
@@ -27,7 +27,7 @@ def make_trajectory(layout: ParamLayout, seed: int) -> torch.Tensor:
 
 
 def spec_shortcut(trajectory: torch.Tensor, layout: ParamLayout, start: int, end: int, t: int) -> torch.Tensor:
-    """The formula of spec 4, one parameter tensor at a time, in float64."""
+    """PTM-ST's shortcut formula, one parameter tensor at a time, in float64."""
     window = trajectory[start:end + 1].double()
     parts = []
     offset = 0

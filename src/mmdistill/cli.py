@@ -46,19 +46,19 @@ def _sink(args):
 
 # -- subcommand bodies (imports are local, after the config is built, so errors in it come fast) ---------
 def cmd_presets(args):
-    from mmdistill.config import _preset_chain, preset_names
+    from mmdistill.config import preset_chain, preset_names
 
     names = preset_names()
     width = max(map(len, names))
     for name in names:
-        description = next((raw["description"] for raw in reversed(_preset_chain(name)) if "description" in raw), "")
+        description = next((raw["description"] for raw in reversed(preset_chain(name)) if "description" in raw), "")
         print(f"{name:<{width}}  {description}")
 
 
 def cmd_config(args):
-    from mmdistill.config import to_yaml
+    from omegaconf import OmegaConf
 
-    print(to_yaml(_config(args)), end="")
+    print(OmegaConf.to_yaml(_config(args)), end="")
 
 
 def cmd_prepare(args):
@@ -142,7 +142,7 @@ def cmd_ablate(args):
 
 
 def cmd_bench(args):
-    from mmdistill import bench
+    from mmdistill.bench import commands as bench
 
     if args.what == "metrics":
         bench.metrics(as_json=args.json)

@@ -8,16 +8,17 @@ checks do), so such errors come back in a fraction of a second.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from omegaconf import DictConfig, FloatNode, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from mmdistill.errors import UserError
@@ -112,7 +113,7 @@ class DistillConfig:
     similarity: str = "full"  # identity | full | lowrank
     sim_rank: int = 10
     sim_alpha: float = 1.0
-    # Data learning rates and the student's initial lr: a number, or "auto" (calibrate.py measures them on
+    # Data learning rates and the student's initial lr: a number, or "auto" (distill/calibrate.py measures them on
     # each phase's initial synthetic set and experts; the chosen values and reasons go to meta.json).
     lr_images: Union[float, str] = AUTO
     lr_texts: Union[float, str] = AUTO
@@ -241,7 +242,7 @@ def _read_preset(name: str) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _preset_chain(name: str) -> list[dict]:
+def preset_chain(name: str) -> list[dict]:
     """The preset's YAML and those it inherits from, base first."""
     chain, seen = [], set()
     while name:
@@ -255,19 +256,18 @@ def _preset_chain(name: str) -> list[dict]:
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (list items by index), for "did you mean" hints."""
     keys = []
-    if isinstance(node, DictConfig):
-        for k in node.keys():
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        if isinstance(node, dict):
             keys.append(f"{prefix}{k}")
-            keys += _all_keys(node._get_node(k), f"{prefix}{k}.")
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            keys += _all_keys(node._get_node(i), f"{prefix}{i}.")
+        keys += _all_keys(value, f"{prefix}{k}.")
     return keys
 
 
 def _key_error(cfg: DictConfig, key: str, problem: str) -> UserError:
-    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, _all_keys(OmegaConf.to_container(cfg)), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return UserError(f"{problem} {key!r}{hint}")
 
@@ -296,10 +296,10 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
                 pass  # a method's settings block (`methods`): its keys are checked when the method is applied
             elif last not in node:
                 raise _key_error(cfg, key, "unknown config key")
-            target = node._get_node(last)
-            if isinstance(target, FloatNode) or (key in AUTO_FLOATS and value != AUTO):
+            declared = _declared_type(node, last)
+            if declared is float or (key in AUTO_FLOATS and value != AUTO):
                 value = _number(value, key)
-            elif isinstance(target, ListConfig) and isinstance(value, list) and target._metadata.element_type is float:
+            elif get_origin(declared) in (list, List) and get_args(declared) == (float,) and isinstance(value, list):
                 value = [_number(v, key) for v in value]
             node[last] = value
     except ValidationError as err:
@@ -309,9 +309,15 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
         raise _key_error(cfg, key, "unknown config key") from None
 
 
+def _declared_type(section: DictConfig, key: str) -> Any:
+    """The type a config section's dataclass declares for `key` (None for a key it does not declare)."""
+    schema = OmegaConf.get_type(section)
+    return get_type_hints(schema).get(key) if dataclasses.is_dataclass(schema) else None
+
+
 def _is_open_mapping(node) -> bool:
     """A Dict[str, ...] field (data.split_map), whose keys are the user's to choose, unlike a section's."""
-    return isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) in (None, dict)
 
 
 def _number(value: Any, key: str) -> Any:
@@ -416,7 +422,7 @@ def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
     if base is None and config_file is None:
         raise UserError("no configuration: give --preset NAME (see `mmdistill presets`) or --config FILE")
     cfg = OmegaConf.structured(Config)
-    for raw in _preset_chain(base) if base else []:
+    for raw in preset_chain(base) if base else []:
         _merge_preset(cfg, raw)
     cfg.name = preset or (user.get("name") if isinstance(user.get("name"), str) else None) or Path(config_file).stem
     # The file's keys are applied exactly as the same `--set`s before the command line's, so that a file and
@@ -568,7 +574,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in options:
             raise _choice_error(key, value)
-    for key in _all_keys(cfg):
+    for key in _all_keys(OmegaConf.to_container(cfg)):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"bad value {value!r} for {key!r}: must be a finite number")
@@ -620,10 +626,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
         raise UserError(f"bad value {cfg.distill.mini_batch_size!r} for 'distill.mini_batch_size': larger than a"
                         " phase's pairs")
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
 
 
 def _least_expert_epochs(cfg) -> int:

@@ -37,7 +37,7 @@ class ConvNet(nn.Module):
 
     It keeps no buffers for instancenorm/layernorm/none, so torch.func.functional_call with plain tensors as
     parameters is all the state it needs. It is trained from scratch, so the input normalisation is a free
-    choice: CLIP mean/std, the statistics the reference pipeline normalises with (spec 1).
+    choice: CLIP mean/std, the statistics the reference pipeline normalises with.
     """
 
     def __init__(self, image_size: int, depth: int = 3, width: int = 128, norm: str = "instancenorm",
@@ -210,7 +210,7 @@ class TextEncoder(nn.Module):
     """A frozen text encoder: `encode(texts)` gives float32 CPU features [len(texts), dim].
 
     It stays in eval mode even when a parent module calls `.train()`: the reference let its shared BERT drift into
-    train mode, so its cached text features were computed with dropout (spec 9).
+    train mode, so its cached text features were computed with dropout.
     """
 
     def __init__(self, name: str, model: nn.Module, dim: int, device: torch.device):

@@ -150,6 +150,17 @@ def _reject_nan(value):
             _reject_nan(v)
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file the user may have lost or damaged: a missing or corrupt file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"corrupt JSON in {path} (line {err.lineno}): {err.msg}") from None
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     """Write JSON atomically (indented, keys in insertion order); NaN/Inf are refused."""
     _reject_nan(obj)

@@ -1,4 +1,4 @@
-"""Contrastive and soft-label losses on logits Z [B,B] with a target similarity S [B,B] (spec 6).
+"""Contrastive and soft-label losses on logits Z [B,B] with a target similarity S [B,B].
 
 With S = I, `nce` is the CLIP loss. Every loss is differentiable in both Z and S, since S is learned.
 """

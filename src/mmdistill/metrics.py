@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 RECALL_KS = (1, 5, 10)
 BLOCK = (64, 4096)  # rows x columns counted at a time: 1 MiB of float32 that every comparison reads in cache
 NAN_ERROR = "sim contains NaN: ranks are undefined"
@@ -167,3 +168,22 @@ def retrieval_metrics(sim: torch.Tensor, img2txt, txt2img, block: tuple[int, int
     return _summarise(ir_ranks, tr_ranks)
 
 
+@torch.no_grad()
+def embed(model, image_chunks, texts: torch.Tensor, device, batch_size: int = 512):
+    """A dual encoder's image and text embeddings in eval mode (no dropout); leaves the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    image_emb = torch.cat([model.encode_image(chunk.to(device)) for chunk in image_chunks])
+    text_emb = torch.cat([model.encode_text(chunk.to(device)) for chunk in texts.split(batch_size)])
+    model.train(was_training)
+    return image_emb, text_emb
+
+
+def model_recall(model, image_chunks, texts: torch.Tensor, img2txt, txt2img, device) -> dict[str, float] | None:
+    """Retrieval metrics of a dual encoder on one split (its image inputs in chunks, its caption features): the
+    scoring that expert validation and student evaluation share. None when the embeddings are not finite."""
+    image_emb, text_emb = embed(model, image_chunks, texts, device)
+    sim = model.similarity(image_emb, text_emb)
+    if not torch.isfinite(sim).all():
+        return None
+    return retrieval_metrics(sim.cpu(), img2txt, txt2img)

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sys
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,13 +25,6 @@ def generator(seed: int, *keys) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, *keys))
     return gen
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -144,7 +144,7 @@ def _time_mode(raw_cfg: dict, mode: str, budget_s: float, max_repeats: int, thre
     return out
 
 
-_FRESH = ("import json, sys; from mmdistill import distill; "
+_FRESH = ("import json, sys; from mmdistill.bench import iteration as distill; "
           "print(json.dumps(getattr(distill, sys.argv[1])(*json.loads(sys.argv[2]))))")
 
 

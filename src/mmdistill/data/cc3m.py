@@ -3,7 +3,7 @@
 1. Split files (PTM-ST), in data.root or data.root/annotations or data.root/Annotation:
    `cc3m_captions_train.json`, `cc3m_captions_val.json`, `cc3m_captions_test.json`, each [{"image", "caption"}].
    Each split keeps its first data.{train,val,test}_images entries when set; test keeps the first 10,000 by default
-   (the spec's retrieval evaluation does the same).
+   (the reference's retrieval evaluation does the same).
 2. LLaVA-CC3M-Pretrain-595K `chat.json` in data.root: [{"id", "image", "conversations": [{"from": "human", ...},
    {"from": "gpt", "value": caption}, ...]}]; the caption is the first "gpt" turn.
 3. A plain `metadata.json` in data.root: [{"image", "caption"}] (LLaVA's metadata.json has this form).

@@ -1,4 +1,4 @@
-"""`flickr30k` and `coco`: Karpathy splits in BLIP's annotation format (spec 1).
+"""`flickr30k` and `coco`: Karpathy splits in BLIP's annotation format.
 
 Layout (annotation files in data.root, or data.root/annotations, or data.root/Annotation):
 

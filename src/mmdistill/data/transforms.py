@@ -1,6 +1,6 @@
 """Image transforms on uint8 [3,H,W] tensors, normalised with the image encoder's mean/std.
 
-`build_transform` gives the spec 1 per-image pipelines (train "clip", "crop", test "none") for DataLoaders;
+`build_transform` gives the reference's per-image pipelines (train "clip", "crop", test "none") for DataLoaders;
 `augment_batch` is a batched random-resized-crop/flip/brightness for small in-memory sets, where a per-image
 Python loop would cost more than the expert's training step.
 """
@@ -26,7 +26,7 @@ BRIGHTNESS_JITTER = 0.2  # augment_batch scales each image by a factor in [1 - j
 
 
 class SpecRandAugment(v2.RandAugment):
-    """RandAugment restricted to the ops of BLIP's RandomAugment (spec 1): torchvision's op table (a class
+    """RandAugment restricted to the ops of BLIP's RandomAugment: torchvision's op table (a class
     attribute) without Color, Contrast, Posterize and Solarize."""
 
     _AUGMENTATION_SPACE = {

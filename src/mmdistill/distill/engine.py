@@ -151,7 +151,7 @@ class SyntheticSet:
             lr.mul_(torch.exp(-self.dc.lr_lr * mean / spread).to(lr))
 
     def ema_update(self) -> None:
-        """EMA from the initial values, every step, no bias correction (ModelEmaV2, spec 5.7)."""
+        """EMA from the initial values, every step, no bias correction (as timm's ModelEmaV2)."""
         for k, v in self.syn.items():
             self.ema[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
 

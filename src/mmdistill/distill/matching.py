@@ -1,4 +1,4 @@
-"""The gradient of the trajectory-matching loss with respect to the synthetic set (spec 5).
+"""The gradient of the trajectory-matching loss with respect to the synthetic set.
 
 The student starts at an expert snapshot theta_0 and takes N = syn_steps SGD steps on mini-batches of the
 synthetic set, g_i = grad_theta l(theta_i; X_Bi, T_Bi, S_BiBi), theta_{i+1} = theta_i - alpha sg(g_i), so
@@ -24,7 +24,7 @@ Three modes, one signature:
   `detach_inner=True` cuts the parameter path, which is exactly what exact and fd compute (used by tests).
 
 Every random choice of the loop (mini-batches, blend draws, dropout masks) is drawn once in an `InnerPlan`
-and replayed in every pass; the reference redraws dropout masks in its recompute pass (spec 9), we do not.
+and replayed in every pass; the reference redraws dropout masks in its recompute pass, which makes its second pass differ from its first; we do not.
 """
 from __future__ import annotations
 

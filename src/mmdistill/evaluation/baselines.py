@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from mmdistill.coresets import CORESETS, select_coreset
 from mmdistill.errors import UserError
-from mmdistill.evaluation.results import METRICS
-from mmdistill.evaluation.student import _embed, _input_chunks, evaluate_phases
+from mmdistill.evaluation.student import input_chunks, evaluate_phases
 from mmdistill.experts.store import ExpertStore
+from mmdistill.io import read_json
+from mmdistill.metrics import METRICS, embed
 from mmdistill.model import DualEncoder, build_model
 from mmdistill.prepare import Prepared
 from mmdistill.utils import generator, resolve_device
@@ -33,8 +34,8 @@ def _full_data_model(cfg, bundle: Prepared, store, epoch: int, device) -> DualEn
 
 def _train_embeddings(cfg, model: DualEncoder, bundle: Prepared, device):
     """L2-normalised embeddings of every training image and caption."""
-    chunks = _input_chunks(model, bundle, "train", cfg.data.image_size, not model.image_trainable, device)
-    image_emb, text_emb = _embed(model, chunks, bundle.texts["train"], device)
+    chunks = input_chunks(model, bundle, "train", cfg.data.image_size, not model.image_trainable, device)
+    image_emb, text_emb = embed(model, chunks, bundle.texts["train"], device)
     return F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
 
 
@@ -111,19 +112,10 @@ def evaluate_coreset(cfg, bundle: Prepared, method: str, experts_dir, seed: int)
     return {**best[1], "lr": best[2], "val_r_mean_by_lr": scores}
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"corrupt JSON in {path} (line {err.lineno}): {err.msg}") from None
-
-
 def full_data_metrics(experts_dir) -> dict:
     """The experts' mean final test recall (summary.json), in the format of an evaluated method."""
     path = Path(experts_dir) / "summary.json"
-    summary = _read_json(path)
+    summary = read_json(path)
     if "test" not in summary:
         raise UserError(f"{path} has no 'test' entry: train the experts again")
     test, std = summary["test"], summary.get("test_std", {})

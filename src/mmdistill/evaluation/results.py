@@ -6,17 +6,27 @@ import logging
 import time
 from pathlib import Path
 
+from mmdistill.coresets import CORESETS
 from mmdistill.errors import UserError
-from mmdistill.evaluation.baselines import _read_json
 from mmdistill.evaluation.student import evaluate_phases, with_run_method
-from mmdistill.io import folder_lock, write_json
+from mmdistill.io import folder_lock, read_json, write_json
+from mmdistill.metrics import METRICS
 from mmdistill.prepare import Prepared, prepare
 from mmdistill.synthetic import load_distilled, phases_for
 from mmdistill.tracking import log_table
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+REFERENCE = "full"  # the full-data upper bound: shown, but not in the competition for the best cell
+BASELINES = (*CORESETS, REFERENCE)
+
+
+def mean_std(entry: dict, metric: str) -> tuple[float, float | None]:
+    """A results entry's mean and std of one metric (std None where one run was made)."""
+    std = entry.get("std", {}).get(metric)
+    if metric == "r_mean":
+        std = entry.get("r_mean_std", std)
+    return entry[metric], std
 # -- command ---------------------------------------------------------------------------------------------
 def results_path(out: Path) -> Path:
     """`--out` names a folder (results.json goes inside) or, ending in .json, the file itself."""
@@ -84,7 +94,7 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
         results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
                    "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
         if path.exists():
-            old = _read_json(path)
+            old = read_json(path)
             if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
                 raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another"
                                 " --out")

@@ -1,6 +1,6 @@
 """Stage 5: train fresh students on synthetic phases (or real-pair baselines) and report retrieval recall.
 
-The protocol follows the reference's `evaluate_synset_PTM` (spec 7) without its bugs (spec 9): the image
+The protocol follows the reference's `evaluate_synset_PTM` without its bugs: the image
 projection is trained in frozen-image mode, the learning-rate schedule restarts with each phase (unless
 `evaluate.lr_schedule=global`), every run is seeded, and the checkpoint is chosen on the validation split while
 the test split is only reported (unless `evaluate.protocol=reference`, labelled as selected on test).
@@ -15,7 +15,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch.optim import SGD
@@ -23,9 +23,8 @@ from torch.optim import SGD
 from mmdistill.config import from_dict
 from mmdistill.data.transforms import normalize
 from mmdistill.errors import UserError
-from mmdistill.evaluation.results import METRICS
 from mmdistill.losses import LOSSES
-from mmdistill.metrics import retrieval_metrics
+from mmdistill.metrics import METRICS, model_recall
 from mmdistill.model import GROUPS, DualEncoder, build_model
 from mmdistill.prepare import Prepared, prepare
 from mmdistill.similarity import similarity_block
@@ -56,7 +55,7 @@ def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, 
         return torch.cat([model.image_features(chunk.to(device)) for chunk in images.split(EMBED_BATCH)])
 
 
-def _input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool,
+def input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool,
                   device) -> Iterator[torch.Tensor]:
     """The student's inputs for every image of a split, EMBED_BATCH images at a time (files decode lazily).
 
@@ -68,17 +67,6 @@ def _input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: 
         return
     for ids in torch.arange(len(bundle.splits[split])).split(EMBED_BATCH):
         yield _student_inputs(model, bundle, bundle.normalize(bundle.pixels01(split, ids, image_size)), device)
-
-
-def _embed(model: DualEncoder, image_chunks: Iterable[torch.Tensor], texts: torch.Tensor, device):
-    """Image and text embeddings in eval mode (no dropout), without gradients."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        image_emb = torch.cat([model.encode_image(chunk.to(device)) for chunk in image_chunks])
-        text_emb = torch.cat([model.encode_text(chunk.to(device)) for chunk in texts.split(EMBED_BATCH)])
-    model.train(was_training)
-    return image_emb, text_emb
 
 
 # -- one student -----------------------------------------------------------------------------------------
@@ -99,11 +87,7 @@ class _Checkpoints:
     def _recall(self, name: str) -> dict | None:
         """Retrieval metrics of a split, or None when the student's embeddings are not finite."""
         images, texts, split = self.splits[name]
-        image_emb, text_emb = _embed(self.model, images.split(EMBED_BATCH), texts, self.device)
-        sim = self.model.similarity(image_emb, text_emb)
-        if not torch.isfinite(sim).all():
-            return None
-        return retrieval_metrics(sim, split.img2txt, split.txt2img)
+        return model_recall(self.model, images.split(EMBED_BATCH), texts, split.img2txt, split.txt2img, self.device)
 
     def check(self, phase: int, epoch: int) -> bool:
         """Evaluate the current student; False when it has diverged."""
@@ -142,7 +126,7 @@ def _check_phases(cfg, phases: list[dict], encoder_name: str, cross: bool) -> No
 
 def _optimizer(cfg, model: DualEncoder, lrs: list[float]) -> SGD | None:
     """SGD over the student's two groups at `lrs` (image side, text projection); None for an lr that is not a
-    finite number >= 0 (a learned lr can go negative, spec 5.6): such a student has diverged before it starts."""
+    finite number >= 0 (a learned lr the reference never clips can go negative): such a student has diverged before it starts."""
     if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
         return None
     named = dict(model.named_parameters())
@@ -255,7 +239,7 @@ def _train_student(cfg, bundle: Prepared, phases: list[dict], seed: int,
     model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=seed,
                         device=device, image_encoder=encoder_name)
     cached = not model.image_trainable and not cross
-    splits = {name: (torch.cat(list(_input_chunks(model, bundle, name, cfg.data.image_size, cached, device))),
+    splits = {name: (torch.cat(list(input_chunks(model, bundle, name, cfg.data.image_size, cached, device))),
                      bundle.texts[name], bundle.splits[name]) for name in ("validation", "test")}
     checkpoints = _Checkpoints(model, splits, cfg.evaluate.protocol, device)
     gen = generator(seed, "eval-batches")

@@ -23,7 +23,7 @@ from mmdistill.model import GROUPS, ParamLayout
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "{group}_replay_buffer_{n}.pt"
-REFERENCE_WINDOWS = (6, 8)  # snapshots in PTM-ST's convexified_0_6 / convexified_0_8 copies (spec 4, 10)
+REFERENCE_WINDOWS = (6, 8)  # snapshots in PTM-ST's convexified_0_6 / convexified_0_8 copies
 def _check_reference(path: Path, data) -> list[list[list[torch.Tensor]]]:
     """The trajectories of one reference file, or a UserError saying what is wrong with it."""
     if not isinstance(data, (list, tuple)) or not data:

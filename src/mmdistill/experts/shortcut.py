@@ -2,7 +2,7 @@
 
 PTM-ST replaces the expert path between snapshots `start` and `end` by a straight line from one to the other,
 walked at the pace of the real path: for parameter tensor l, after t of the K steps the position along the line
-is beta_l(t) = sum_{p<t} n_{p,l} / sum_{p<K} n_{p,l}, with n_{p,l} = ||theta_l^{p+1} - theta_l^p||_2 (spec 4).
+is beta_l(t) = sum_{p<t} n_{p,l} / sum_{p<K} n_{p,l}, with n_{p,l} = ||theta_l^{p+1} - theta_l^p||_2 (PTM-ST, eq. 4).
 Experts store the n_{p,l}, so a shortcut point needs only the two endpoint rows. Windows here are inclusive at
 both ends: the reference's `convexify --start 0 --end 6` (end exclusive) is our start 0, end 5.
 """

@@ -4,7 +4,7 @@ Format: one safetensors file per expert, `expert-0000.safetensors`, with the fla
 `img` [E+1, P_img] and `txt` [E+1, P_txt] (row 0 = init, row e = after epoch e) in `experts.dtype`, plus
 `step_norms_img` / `step_norms_txt` [E, n_tensors]: ||theta_l^{e+1} - theta_l^e||_2 per parameter tensor l,
 taken from the float32 snapshots. The step norms let a shortcut trajectory be built from its two endpoint rows
-alone (`trajectory.py`), so the reference's convexified copies never need to be written. The metadata holds
+alone (`experts/shortcut.py`), so the reference's convexified copies never need to be written. The metadata holds
 the layouts, the training history and a fingerprint of the config keys that shape an expert.
 
 `import_reference` / `export_reference` convert from / to the PTM-ST reference layout
@@ -28,10 +28,10 @@ from mmdistill import distributed
 from mmdistill.config import changed_keys, flat_keys, to_dict
 from mmdistill.data.transforms import ImageDataset, augment_batch, build_transform
 from mmdistill.errors import UserError
-from mmdistill.experts.store import expert_path, tensor_norms, write_expert
+from mmdistill.experts.store import expert_path, read_metadata, tensor_norms, write_expert
 from mmdistill.io import append_jsonl, folder_lock, write_json, write_text
 from mmdistill.losses import LOSSES
-from mmdistill.metrics import retrieval_metrics
+from mmdistill.metrics import model_recall
 from mmdistill.model import GROUPS, build_model
 from mmdistill.prepare import prepare
 from mmdistill.tracking import log_scalars
@@ -129,16 +129,14 @@ def _image_inputs(cfg, bundle, split_name: str, batch_size: int):
 
 @torch.no_grad()
 def retrieval_recall(model, cfg, bundle, split_name: str, device: torch.device, batch_size: int = 256) -> dict:
-    """Retrieval metrics of `model` on a split (eval mode, batched embeddings); leaves the model's mode as it was."""
-
-    was_training = model.training
-    model.eval()
-    images = _image_inputs(cfg, bundle, split_name, batch_size)
-    image_emb = torch.cat([model.encode_image(x.to(device)) for x in images])
-    text_emb = torch.cat([model.encode_text(t.to(device)) for t in bundle.texts[split_name].split(batch_size)])
-    model.train(was_training)
+    """Retrieval metrics of an expert on a split; an expert whose embeddings are no longer finite has diverged."""
     split = bundle.splits[split_name]
-    return retrieval_metrics(model.similarity(image_emb, text_emb).cpu(), split.img2txt, split.txt2img)
+    metrics = model_recall(model, _image_inputs(cfg, bundle, split_name, batch_size), bundle.texts[split_name],
+                           split.img2txt, split.txt2img, device)
+    if metrics is None:
+        raise UserError(f"an expert diverged (non-finite embeddings on the {split_name} split): lower experts.lr_img"
+                        f" ({cfg.experts.lr_img}) or experts.lr_txt ({cfg.experts.lr_txt})")
+    return metrics
 
 
 def _train_epoch(model, optimizer, loss_fn, batches, texts: torch.Tensor, device: torch.device, bar,

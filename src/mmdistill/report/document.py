@@ -15,29 +15,19 @@ from pathlib import Path
 
 import torch
 
-from mmdistill.coresets import CORESETS
-from mmdistill.evaluation.results import METRICS, failure_notes, method_status
+from mmdistill.evaluation.results import METRICS, REFERENCE, failure_notes, mean_std, method_status
 from mmdistill.io import write_text
 from mmdistill.report.figures import colour, loss_curve, method_bars, recall_curve, similarity_maps, timing_bars
 from mmdistill.similarity import full_matrix
 from mmdistill.synthetic import load_synthetic, read_captions, read_meta
 
 STAGES = ("prepare", "experts", "distill", "evaluate", "report")  # results.json timing keys, in pipeline order
-REFERENCE = "full"  # the full-data upper bound: shown, but not in the competition for the best cell
-BASELINES = (*CORESETS, REFERENCE)
 
 CAPTION_ROWS = 12
 
 
-def _mean_std(entry: dict, metric: str) -> tuple[float, float | None]:
-    std = entry.get("std", {}).get(metric)
-    if metric == "r_mean":
-        std = entry.get("r_mean_std", std)
-    return entry[metric], std
-
-
 def _cell(entry: dict, metric: str) -> str:
-    mean, std = _mean_std(entry, metric)
+    mean, std = mean_std(entry, metric)
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 

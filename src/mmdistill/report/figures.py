@@ -7,7 +7,7 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 
-from mmdistill.report.document import BASELINES
+from mmdistill.evaluation.results import BASELINES, mean_std
 
 # One colour per method everywhere: distilled methods in saturated colours, coresets in greys, full data green.
 COLOURS = {"ptm-st": "#1f5fa8", "ptm-st+blend": "#3a9bd9", "lors": "#e07b1a", "mtt-vl": "#c0392b",
@@ -49,7 +49,7 @@ def method_bars(methods: dict, path: Path, title: str = "r_mean on the test spli
     """Horizontal bars of r_mean ± std, one colour per method."""
     names = list(methods)
     means = [methods[n]["r_mean"] for n in names]
-    stds = [_mean_std(methods[n], "r_mean")[1] or 0.0 for n in names]
+    stds = [mean_std(methods[n], "r_mean")[1] or 0.0 for n in names]
     fig, ax = new_figure(figsize=(6.4, 0.45 * len(names) + 1.2))
     ax.barh(names, means, xerr=stds, color=[colour(n) for n in names], capsize=3)
     for y, (mean, std) in enumerate(zip(means, stds)):
@@ -68,7 +68,7 @@ def robustness_chart(rows: list[dict], methods: tuple[str, ...], path: Path) -> 
     fig, ax = new_figure(figsize=(max(6.4, 1.1 * len(rows) + 1.5), 4.2))
     for i, name in enumerate(methods):
         means = [row["methods"][name]["r_mean"] for row in rows]
-        stds = [_mean_std(row["methods"][name], "r_mean")[1] or 0.0 for row in rows]
+        stds = [mean_std(row["methods"][name], "r_mean")[1] or 0.0 for row in rows]
         positions = [x + (i - (len(methods) - 1) / 2) * width for x in range(len(rows))]
         ax.bar(positions, means, width, yerr=stds, color=colour(name), capsize=2, label=name)
     ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=30, ha="right")
