@@ -1,4 +1,5 @@
 """Shared test setup: offline hubs, one torch thread (small tensors; no oversubscription next to subprocesses)."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

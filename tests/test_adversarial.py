@@ -4,6 +4,7 @@ file or key, no traceback, and no output that a later command would take for a v
 Each case is run through `mmdistill.cli.main` (what `python -m mmdistill` runs) with stderr captured at the file
 descriptor, so DataLoader workers and warnings would show too. Progress bars are not error output and are left out.
 """
+
 import json
 import os
 import re
@@ -42,8 +43,21 @@ class World:
         self.sets = ["--set", f"cache_dir={root / 'cache'}", "--device", "cpu"]
         self.experts, self.distilled = root / "experts", root / "distilled"
         assert main(["experts", "--preset", "shapes-tiny", *self.sets, "--out", str(self.experts)]) == 0
-        assert main(["distill", "--preset", "shapes-tiny", *self.sets, "--experts", str(self.experts),
-                     "--out", str(self.distilled)]) == 0
+        assert (
+            main(
+                [
+                    "distill",
+                    "--preset",
+                    "shapes-tiny",
+                    *self.sets,
+                    "--experts",
+                    str(self.experts),
+                    "--out",
+                    str(self.distilled),
+                ]
+            )
+            == 0
+        )
 
     def cmd(self, command: str, *args) -> list[str]:
         return [command, "--preset", "shapes-tiny", *self.sets, *map(str, args)]
@@ -100,15 +114,19 @@ class Payload:
 def config_value(override, key):
     def case(world, tmp, fx):
         out = tmp / "run"
-        args = ["--device", override[len("device="):]] if override.startswith("device=") else ["--set", override]
+        args = ["--device", override[len("device=") :]] if override.startswith("device=") else ["--set", override]
         return world.cmd("run", "--out", out, *args), [key], lambda: not out.exists()
+
     return case
 
 
 def too_many_pairs(world, tmp, fx):
     out = tmp / "run"
-    return (world.cmd("run", "--out", out, "--set", "distill.phases.0.pairs=5000"), ["'distill.phases.0.pairs'"],
-            lambda: not (out / "experts").exists() and not (out / "results.json").exists())
+    return (
+        world.cmd("run", "--out", out, "--set", "distill.phases.0.pairs=5000"),
+        ["'distill.phases.0.pairs'"],
+        lambda: not (out / "experts").exists() and not (out / "results.json").exists(),
+    )
 
 
 def corrupt_image(command):
@@ -119,6 +137,7 @@ def corrupt_image(command):
         out = tmp / "experts"
         argv = world.cmd(command, *world.folder_sets(data)) + (["--out", str(out)] if command == "experts" else [])
         return argv, [str(bad)], lambda: not list(out.glob("expert-*.safetensors"))
+
     return case
 
 
@@ -141,8 +160,11 @@ def nan_expert(world, tmp, fx):
     experts = world.copy(world.experts, tmp / "experts")
     with_nan(experts / "expert-0001.safetensors", "img")
     out = tmp / "distilled"
-    return (world.cmd("distill", "--experts", experts, "--out", out), [str(experts / "expert-0001.safetensors")],
-            lambda: fails(world.cmd("evaluate", "--synthetic", out, "--out", tmp / "results.json")))
+    return (
+        world.cmd("distill", "--experts", experts, "--out", out),
+        [str(experts / "expert-0001.safetensors")],
+        lambda: fails(world.cmd("evaluate", "--synthetic", out, "--out", tmp / "results.json")),
+    )
 
 
 def truncated_expert(world, tmp, fx):
@@ -162,8 +184,12 @@ def nan_phase(command):
             argv = world.cmd("evaluate", "--synthetic", distilled, "--out", results)
         else:
             argv = world.cmd("distill", "--experts", world.experts, "--out", distilled, "--resume")
-        return argv, [str(distilled / "phase-1.safetensors")], lambda: (
-            not results.exists() and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", results)))
+        return (
+            argv,
+            [str(distilled / "phase-1.safetensors")],
+            lambda: not results.exists() and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", results)),
+        )
+
     return case
 
 
@@ -171,24 +197,33 @@ def extra_phase(world, tmp, fx):
     distilled = world.copy(world.distilled, tmp / "distilled")
     shutil.copy(distilled / "phase-1.safetensors", distilled / "phase-2.safetensors")
     results = tmp / "results.json"
-    return (world.cmd("evaluate", "--synthetic", distilled, "--out", results), [str(distilled / "phase-2.safetensors")],
-            lambda: not results.exists())
+    return (
+        world.cmd("evaluate", "--synthetic", distilled, "--out", results),
+        [str(distilled / "phase-2.safetensors")],
+        lambda: not results.exists(),
+    )
 
 
 def unfinished(world, tmp, fx):
     distilled = world.copy(world.distilled, tmp / "distilled")
     (distilled / "meta.json").unlink()
     results = tmp / "results.json"
-    return (world.cmd("evaluate", "--synthetic", distilled, "--out", results), [str(distilled)],
-            lambda: not results.exists())
+    return (
+        world.cmd("evaluate", "--synthetic", distilled, "--out", results),
+        [str(distilled)],
+        lambda: not results.exists(),
+    )
 
 
 def corrupt_meta(world, tmp, fx):
     distilled = world.copy(world.distilled, tmp / "distilled")
     (distilled / "meta.json").write_text('{"method": "ptm-st", "phases": [')
     results = tmp / "results.json"
-    return (world.cmd("evaluate", "--synthetic", distilled, "--out", results), [str(distilled / "meta.json")],
-            lambda: not results.exists())
+    return (
+        world.cmd("evaluate", "--synthetic", distilled, "--out", results),
+        [str(distilled / "meta.json")],
+        lambda: not results.exists(),
+    )
 
 
 def bad_checkpoint(kind):
@@ -204,9 +239,15 @@ def bad_checkpoint(kind):
             Payload.marker = tmp / "executed"
             torch.save({"fingerprint": Payload()}, checkpoint)
         argv = world.cmd("distill", "--experts", world.experts, "--out", distilled, "--resume")
-        return argv, [str(checkpoint)], lambda: (
-            not (tmp / "executed").exists()
-            and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", tmp / "results.json")))
+        return (
+            argv,
+            [str(checkpoint)],
+            lambda: (
+                not (tmp / "executed").exists()
+                and fails(world.cmd("evaluate", "--synthetic", distilled, "--out", tmp / "results.json"))
+            ),
+        )
+
     return case
 
 
@@ -224,7 +265,9 @@ def locked(command):
 
         def untouched():
             return sorted(p.name for p in out.iterdir()) == [".mmdistill.lock"]
+
         return argv, [str(out), f"pid {holder.pid}"], untouched
+
     return case
 
 
@@ -238,8 +281,11 @@ def read_only(world, tmp, fx):
         return real(*args, dir=dir, **kwargs)
 
     fx.monkeypatch.setattr(io_module.tempfile, "mkstemp", mkstemp)
-    return (world.cmd("distill", "--experts", world.experts, "--out", out), [str(out), "read-only file system"],
-            lambda: not (out / "meta.json").exists())
+    return (
+        world.cmd("distill", "--experts", world.experts, "--out", out),
+        [str(out), "read-only file system"],
+        lambda: not (out / "meta.json").exists(),
+    )
 
 
 def full_disk(world, tmp, fx):
@@ -248,8 +294,11 @@ def full_disk(world, tmp, fx):
 
     fx.monkeypatch.setattr(io_module, "save_file", save_file_full)
     out = tmp / "distilled"
-    return (world.cmd("distill", "--experts", world.experts, "--out", out), [str(out), "no space left on device"],
-            lambda: not (out / "meta.json").exists())
+    return (
+        world.cmd("distill", "--experts", world.experts, "--out", out),
+        [str(out), "no space left on device"],
+        lambda: not (out / "meta.json").exists(),
+    )
 
 
 CASES = {

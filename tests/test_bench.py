@@ -1,4 +1,5 @@
 """`bench iteration`: each gradient mode timed against plain steps in a process of its own, with its own peak."""
+
 import pytest
 
 from mmdistill.bench.iteration import _time_mode, bench_iteration

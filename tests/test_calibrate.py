@@ -1,4 +1,5 @@
 """`auto` settings measured per phase, the collapse watch, and failed distillations shown as failed."""
+
 import math
 
 import pytest
@@ -27,8 +28,9 @@ from mmdistill.similarity import full_matrix
 
 def _distiller(tiny, cfg):
     bundle = prepare(cfg)
-    return Distiller(resolve_expert_epochs(cfg, bundle)[0], ExpertStore(tiny[0] / "experts"), bundle,
-                     torch.device("cpu"))
+    return Distiller(
+        resolve_expert_epochs(cfg, bundle)[0], ExpertStore(tiny[0] / "experts"), bundle, torch.device("cpu")
+    )
 
 
 def test_calibration_returns_the_documented_values(tiny):
@@ -52,8 +54,11 @@ def test_calibration_returns_the_documented_values(tiny):
         norms["texts"].append(grads["texts"].norm().item())
         norms["sim"].append(grads["sim_full"].norm().item())
     assert len(norms["images"]) == SAMPLES
-    for group, key, tensor in (("images", "lr_images", "images"), ("texts", "lr_texts", "texts"),
-                               ("sim", "lr_sim", "sim_full")):
+    for group, key, tensor in (
+        ("images", "lr_images", "images"),
+        ("texts", "lr_texts", "texts"),
+        ("sim", "lr_sim", "sim_full"),
+    ):
         step = getattr(result, key) * sum(norms[group]) / SAMPLES
         assert step / syn[tensor].norm().item() == pytest.approx(RELATIVE_STEP[group], rel=1e-4)
         assert result.reasons[key].startswith("auto:")
@@ -86,8 +91,7 @@ def test_a_low_rank_similarity_is_calibrated_on_the_matrix_it_defines(tiny):
 
 
 def test_configured_values_win_and_identity_similarity_needs_no_lr(tiny):
-    cfg = with_method(load_config("shapes-tiny", tiny[1] + ["distill.lr_init=0.02", "distill.lr_texts=3"]),
-                      "mtt-vl")
+    cfg = with_method(load_config("shapes-tiny", tiny[1] + ["distill.lr_init=0.02", "distill.lr_texts=3"]), "mtt-vl")
     distiller = _distiller(tiny, cfg)
     phase = plan_phases(cfg)[0]
     result = calibrate(distiller, 0, phase, distiller.init_synthetic(0, phase))
@@ -102,8 +106,17 @@ def test_auto_settings_parse(text, value):
     assert load_config("shapes-tiny", [f"distill.lr_init={text}"]).distill.lr_init == value
 
 
-@pytest.mark.parametrize("override", ["distill.lr_init=0", "distill.lr_images=-1", "distill.lr_texts=.inf",
-                                      "distill.lr_sim=.nan", "distill.lr_init=fast", "distill.lr_lr=-0.1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "distill.lr_init=0",
+        "distill.lr_images=-1",
+        "distill.lr_texts=.inf",
+        "distill.lr_sim=.nan",
+        "distill.lr_init=fast",
+        "distill.lr_lr=-0.1",
+    ],
+)
 def test_unusable_lrs_are_rejected_naming_the_key(override):
     with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
         load_config("shapes-tiny", [override])
@@ -138,8 +151,13 @@ def _entry(r_mean: float, **extra) -> dict:
 
 def test_a_collapsed_or_below_random_distillation_is_shown_as_failed():
     collapse = {"phase": 0, "iteration": 12, "reason": "matching loss at or above the no-move value"}
-    methods = {"ptm-st": _entry(4.7, collapsed_phases=[collapse]), "lors": _entry(20.0, collapsed_phases=[]),
-               "mtt-vl": _entry(30.0, collapsed_phases=[]), "random": _entry(26.5), "full": _entry(40.9)}
+    methods = {
+        "ptm-st": _entry(4.7, collapsed_phases=[collapse]),
+        "lors": _entry(20.0, collapsed_phases=[]),
+        "mtt-vl": _entry(30.0, collapsed_phases=[]),
+        "random": _entry(26.5),
+        "full": _entry(40.9),
+    }
     table = format_table(methods).splitlines()
     rows = {line.split()[0]: line for line in table[1:6]}
     assert rows["ptm-st"].endswith("FAILED") and rows["lors"].endswith("BELOW RANDOM")
@@ -164,8 +182,17 @@ def test_auto_expert_epochs_hold_as_many_expert_steps_as_synthetic_steps(caption
 def test_a_scan_where_no_lr_beats_standing_still_starts_at_the_edge_of_the_cliff():
     """The recorded phase-1 scan of shapes with 3,000 images: the minimum is the smallest lr (2.000), where the
     phase would never start (it was flagged as collapsed); the largest lr within 1 % of 2.000 is taken instead."""
-    scan = [(1e-6, 2.0000), (1e-4, 2.0002), (1e-3, 2.0034), (5.6e-3, 2.0144), (1e-2, 2.0132), (1.8e-2, 2.0046),
-            (3.2e-2, 2.0037), (5.6e-2, 2.0960), (0.1, 2.5439)]
+    scan = [
+        (1e-6, 2.0000),
+        (1e-4, 2.0002),
+        (1e-3, 2.0034),
+        (5.6e-3, 2.0144),
+        (1e-2, 2.0132),
+        (1.8e-2, 2.0046),
+        (3.2e-2, 2.0037),
+        (5.6e-2, 2.0960),
+        (0.1, 2.5439),
+    ]
     lr, why = _best_lr(scan, 2.0)
     assert lr == 3.2e-2 and "no lr" in why
     healthy = [(1e-3, 1.9865), (1e-2, 1.8737), (1.8e-2, 1.8635), (3.2e-2, 2.6456)]

@@ -1,4 +1,5 @@
 """CLI: console entry and `python -m`, presets listing, one-line user errors without traceback."""
+
 import json
 import subprocess
 import sys
@@ -23,12 +24,16 @@ def test_user_errors_exit_nonzero_with_one_line(capsys):
 
 
 def test_python_dash_m_works_like_the_console_script():
-    result = subprocess.run([sys.executable, "-m", "mmdistill", "prepare", "--preset", "shapes-100", "--set",
-                             "distill.loss=nope"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mmdistill", "prepare", "--preset", "shapes-100", "--set", "distill.loss=nope"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "mmdistill: error: bad value 'nope' for 'distill.loss'; choose from nce, cwcl, kl, bce, wbce, mse"]
+        "mmdistill: error: bad value 'nope' for 'distill.loss'; choose from nce, cwcl, kl, bce, wbce, mse"
+    ]
 
 
 def test_prepare_has_no_out_option(capsys):
@@ -68,9 +73,14 @@ def test_config_file_equals_the_same_keys_given_by_set(tmp_path, capsys):
     names its base preset itself (`inherit`) or --preset does."""
     import yaml
 
-    keys = {"distill.method": "lors", "distill.use_ema": True, "experts.count": 3, "data.source": "folder",
-            "data.root": str(tmp_path), "distill.phases": [{"pairs": 12, "iterations": 2, "start_epochs": [0, 1],
-                                                           "shortcut_end": 2}]}
+    keys = {
+        "distill.method": "lors",
+        "distill.use_ema": True,
+        "experts.count": 3,
+        "data.source": "folder",
+        "data.root": str(tmp_path),
+        "distill.phases": [{"pairs": 12, "iterations": 2, "start_epochs": [0, 1], "shortcut_end": 2}],
+    }
     nested: dict = {}
     for key, value in keys.items():
         section, name = key.split(".")
@@ -95,12 +105,15 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("distill:\n  bogus: 1\n")
     assert main(["run", "--preset", "shapes-tiny", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"mmdistill: error: {bad}: unknown config key 'distill.bogus' (did you mean" \
-                                      " distill.loss, distill.use_ema, distill?)\n"
+    assert (
+        capsys.readouterr().err == f"mmdistill: error: {bad}: unknown config key 'distill.bogus' (did you mean"
+        " distill.loss, distill.use_ema, distill?)\n"
+    )
     bad.write_text("experts: {count: -1}\n")
     assert main(["config", "--preset", "shapes-tiny", "--config", str(bad)]) == 2
-    assert capsys.readouterr().err.startswith("mmdistill: error: bad value -1 for 'experts.count': must be > 0"
-                                              f" (config file {bad})")
+    assert capsys.readouterr().err.startswith(
+        f"mmdistill: error: bad value -1 for 'experts.count': must be > 0 (config file {bad})"
+    )
     bad.write_text("distill: [1\n")
     assert main(["config", "--config", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"mmdistill: error: {bad}:2: invalid YAML")
@@ -113,9 +126,11 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, capsys):
 def test_config_typo_is_reported_before_torch_is_imported():
     """The command parses and validates its config before importing anything heavy, so a typo takes a fraction
     of a second (the time itself is measured in the closing note, not asserted on a loaded machine)."""
-    code = ("import sys; from mmdistill.cli import main; "
-            "rc = main(['--set', 'distill.bogus=1', 'run', '--preset', 'shapes-100', '--out', 'x']); "
-            "print(rc, 'torch' in sys.modules)")
+    code = (
+        "import sys; from mmdistill.cli import main; "
+        "rc = main(['--set', 'distill.bogus=1', 'run', '--preset', 'shapes-100', '--out', 'x']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert result.stderr.startswith("mmdistill: error: unknown config key 'distill.bogus'")
@@ -177,13 +192,36 @@ def test_flat_folder_of_own_data_runs_to_a_report(tmp_path, capsys):
     out = tmp_path / "out"
     # shapes-tiny sizes its procedural splits (40 validation, 80 test images); emoji-100, as a user would run
     # it, leaves them at 0, so the fractions apply: the same here
-    assert main(["run", "--preset", "shapes-tiny", "--set", "data.source=folder", "--set", f"data.root={root}",
-                 "--set", "data.val_images=0", "--set", "data.test_images=0", "--set",
-                 f"cache_dir={tmp_path / 'cache'}", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--preset",
+                "shapes-tiny",
+                "--set",
+                "data.source=folder",
+                "--set",
+                f"data.root={root}",
+                "--set",
+                "data.val_images=0",
+                "--set",
+                "data.test_images=0",
+                "--set",
+                f"cache_dir={tmp_path / 'cache'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert ("prepared folder in" in printed and f"train 48 images / 48 captions ({root / 'metadata.csv'}, less the"
-            " carved images); validation 6 images / 6 captions (carved from train: 6 of 60 images, seed 0); test 6"
-            " images / 6 captions (carved from train: 6 of 60 images, seed 0)" in printed)
+    assert (
+        "prepared folder in" in printed
+        and f"train 48 images / 48 captions ({root / 'metadata.csv'}, less the"
+        " carved images); validation 6 images / 6 captions (carved from train: 6 of 60 images, seed 0); test 6"
+        " images / 6 captions (carved from train: 6 of 60 images, seed 0)"
+        in printed
+    )
     assert (out / "report.html").exists() and json.loads((out / "results.json").read_text())["dataset"] == "folder"
 
 

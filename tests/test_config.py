@@ -1,4 +1,5 @@
 """Config: presets load, overrides apply, bad keys and values are rejected with one line naming the key."""
+
 import pytest
 
 from mmdistill.config import load_config, preset_names, with_method
@@ -38,8 +39,10 @@ def test_embedded_presets_have_two_phases():
 
 
 def test_dotted_overrides_including_list_items():
-    cfg = load_config("shapes-100", ["distill.phases.0.pairs=25", "distill.lr_sim=5", "seed=7",
-                                     "evaluate.baselines=[random, herding]"])
+    cfg = load_config(
+        "shapes-100",
+        ["distill.phases.0.pairs=25", "distill.lr_sim=5", "seed=7", "evaluate.baselines=[random, herding]"],
+    )
     assert cfg.distill.phases[0].pairs == 25 and cfg.distill.lr_sim == 5.0 and cfg.seed == 7
     assert list(cfg.evaluate.baselines) == ["random", "herding"]
 
@@ -54,11 +57,17 @@ def test_method_switches_are_configuration():
     assert load_config("shapes-100", ["distill.method=lors", "distill.similarity=full"]).distill.similarity == "full"
 
 
-
 # The paper's Table 4, written out by hand: (phased teachers, shortcut trajectories, EMA) per ablation row.
-TABLE_4 = {"base": (False, False, False), "ema": (False, False, True), "ptm": (True, False, False),
-           "st": (False, True, False), "ptm+ema": (True, False, True), "st+ema": (False, True, True),
-           "ptm+st": (True, True, False), "ptm+st+ema": (True, True, True)}
+TABLE_4 = {
+    "base": (False, False, False),
+    "ema": (False, False, True),
+    "ptm": (True, False, False),
+    "st": (False, True, False),
+    "ptm+ema": (True, False, True),
+    "st+ema": (False, True, True),
+    "ptm+st": (True, True, False),
+    "ptm+st+ema": (True, True, True),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TABLE_4))
@@ -68,19 +77,22 @@ def test_ablation_rows_switch_the_papers_components(name):
     assert (dc.similarity, dc.loss, dc.blend.enabled) == ("full", "wbce", False)  # the rest is PTM-ST's
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("distill.phses.0.pairs=3", "unknown config key 'distill.phses.0.pairs' (did you mean distill.phases.0.pairs"),
-    ("model.image_encodr=x", "did you mean model.image_encoder"),
-    ("distill.phases.9.pairs=3", "'distill.phases.9.pairs'"),
-    ("distill.syn_steps=abc", "bad value 'abc' for 'distill.syn_steps'"),
-    ("distill.loss=wbc", "bad value 'wbc' for 'distill.loss' (did you mean wbce"),
-    ("evaluate.runs=0", "'evaluate.runs': must be > 0"),
-    ("distill.phases.0.start_epochs=[3, 1]", "'distill.phases.0.start_epochs'"),
-    ("distill.phases.0.shortcut_end=99", "'distill.phases.0.shortcut_end'"),
-    ("distill.space=feature", "'distill.space'"),
-    ("evaluate.coreset_lrs=[0.1, -1]", "'evaluate.coreset_lrs'"),
-    ("nonsense", "bad override 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("distill.phses.0.pairs=3", "unknown config key 'distill.phses.0.pairs' (did you mean distill.phases.0.pairs"),
+        ("model.image_encodr=x", "did you mean model.image_encoder"),
+        ("distill.phases.9.pairs=3", "'distill.phases.9.pairs'"),
+        ("distill.syn_steps=abc", "bad value 'abc' for 'distill.syn_steps'"),
+        ("distill.loss=wbc", "bad value 'wbc' for 'distill.loss' (did you mean wbce"),
+        ("evaluate.runs=0", "'evaluate.runs': must be > 0"),
+        ("distill.phases.0.start_epochs=[3, 1]", "'distill.phases.0.start_epochs'"),
+        ("distill.phases.0.shortcut_end=99", "'distill.phases.0.shortcut_end'"),
+        ("distill.space=feature", "'distill.space'"),
+        ("evaluate.coreset_lrs=[0.1, -1]", "'evaluate.coreset_lrs'"),
+        ("nonsense", "bad override 'nonsense'"),
+    ],
+)
 def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):
     with pytest.raises(UserError) as info:
         load_config("shapes-scratch-100", [override])
@@ -93,12 +105,22 @@ def test_unknown_preset_suggests_close_names():
         load_config("shapes-10")
 
 
-@pytest.mark.parametrize("override,key", [
-    ("distill.lr_init=nan", "distill.lr_init"), ("distill.lr_init=0", "distill.lr_init"),
-    ("distill.lr_init=-0.1", "distill.lr_init"), ("distill.lr_images=-1", "distill.lr_images"),
-    ("distill.lr_texts=inf", "distill.lr_texts"), ("distill.lr_sim=.nan", "distill.lr_sim"),
-    ("experts.lr_img=nan", "experts.lr_img"), ("distill.max_retries=-1", "distill.max_retries"),
-    ("distill.lr_lr=abc", "distill.lr_lr"), ("device=tpu", "device"), ("device=meta", "device")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("distill.lr_init=nan", "distill.lr_init"),
+        ("distill.lr_init=0", "distill.lr_init"),
+        ("distill.lr_init=-0.1", "distill.lr_init"),
+        ("distill.lr_images=-1", "distill.lr_images"),
+        ("distill.lr_texts=inf", "distill.lr_texts"),
+        ("distill.lr_sim=.nan", "distill.lr_sim"),
+        ("experts.lr_img=nan", "experts.lr_img"),
+        ("distill.max_retries=-1", "distill.max_retries"),
+        ("distill.lr_lr=abc", "distill.lr_lr"),
+        ("device=tpu", "device"),
+        ("device=meta", "device"),
+    ],
+)
 def test_values_no_run_can_use_are_rejected_naming_the_key(override, key):
     with pytest.raises(UserError, match=f"bad value .* for '{key}'") as err:
         load_config("shapes-tiny", [override])
@@ -126,8 +148,9 @@ def test_pairs_beyond_the_training_captions_stop_prepare():
 
     train = type("Split", (), {"captions": ["c"] * 1000})()
     check_pairs(load_config("shapes-tiny"), train)
-    with pytest.raises(UserError, match="bad value 5000 for 'distill.phases.0.pairs': the training split has only"
-                                        " 1000 captions"):
+    with pytest.raises(
+        UserError, match="bad value 5000 for 'distill.phases.0.pairs': the training split has only 1000 captions"
+    ):
         check_pairs(load_config("shapes-tiny", ["distill.phases.0.pairs=5000"]), train)
     halves = load_config("shapes-tiny", ["distill.phases.0.pairs=600", "distill.phases.1.pairs=600"])
     check_pairs(halves, train)  # each phase fits: enough for experts and a phased distillation
@@ -165,8 +188,10 @@ def test_paper_presets_have_the_papers_budgets_and_the_specs_phases(name):
     budget = int(name.split("-")[1])
     phases = cfg.distill.phases
     assert sum(p.pairs for p in phases) == budget
-    assert [(list(p.start_epochs), p.shortcut_end, p.iterations) for p in phases] == \
-        [([0, 2], 5, 2000), ([1, 3], 7, 2000)][:len(phases)]
+    assert [(list(p.start_epochs), p.shortcut_end, p.iterations) for p in phases] == [
+        ([0, 2], 5, 2000),
+        ([1, 3], 7, 2000),
+    ][: len(phases)]
     assert all(p.sim_rank is not None for p in phases)
     dc = cfg.distill
     assert (dc.expert_epochs, dc.syn_steps, dc.lr_update, dc.lr_lr, dc.lr_init) == (1, 8, "sgd", 0.01, 0.1)
@@ -189,8 +214,12 @@ def test_each_method_runs_with_its_own_published_settings():
     assert (coco.distill.merge_loss_branches, coco.model.temperature, coco.distill.lr_images) == (True, 0.1, 5000)
     assert load_config("coco-500").model.temperature == 0.07  # only lors runs at LoRS's temperature
     mtt = with_method(load_config("flickr30k-200"), "mtt-vl").distill
-    assert (mtt.mini_batch_size, mtt.lr_images, mtt.gradient, plan_phases(load_config(
-        "flickr30k-200", ["distill.method=mtt-vl"]))[0].iterations) == (100, 1000, "unroll", 50000)
+    assert (
+        mtt.mini_batch_size,
+        mtt.lr_images,
+        mtt.gradient,
+        plan_phases(load_config("flickr30k-200", ["distill.method=mtt-vl"]))[0].iterations,
+    ) == (100, 1000, "unroll", 50000)
     ptm = load_config("flickr30k-100").distill
     assert (ptm.lr_images, ptm.similarity, ptm.mini_batch_size) == (1000, "full", 20)  # untouched by the blocks
 
@@ -200,7 +229,8 @@ def test_method_settings_are_overridable_and_checked():
 
     cfg = load_config("flickr30k-100", ["methods.lors.distill.lr_images=50", "distill.method=lors"])
     assert cfg.distill.lr_images == 50 and cfg.distill.sim_alpha == 3  # the rest of the block stays
-    assert with_method(load_config("flickr30k-100", ["methods.lors.distill.lr_images=50"]), "lors").distill.lr_images == 50
+    lors = with_method(load_config("flickr30k-100", ["methods.lors.distill.lr_images=50"]), "lors")
+    assert lors.distill.lr_images == 50
     assert load_config("flickr30k-100", ["distill.method=lors", "distill.lr_images=7"]).distill.lr_images == 7
     with pytest.raises(UserError, match="unknown config key 'distill.lr_imags'.*in methods.lors"):
         load_config("flickr30k-100", ["methods.lors.distill.lr_imags=50", "distill.method=lors"])

@@ -15,7 +15,7 @@ def features(n=200, d=16, seed=0):
 def assert_valid(picks, k, n):
     assert picks.dtype == torch.long and picks.shape == (k,)
     assert len(set(picks.tolist())) == k
-    assert 0 <= picks.min() and picks.max() < n
+    assert picks.min() >= 0 and picks.max() < n
 
 
 @pytest.mark.parametrize("method", CORESETS)
@@ -66,12 +66,15 @@ def test_kcenter_distinct_when_items_coincide():
 
 def test_forgetting_orders_never_learned_then_most_forgotten():
     # Columns are items; rows are epochs.
-    history = torch.tensor([
-        [1, 1, 0, 0, 1, 1],
-        [0, 1, 1, 0, 0, 1],
-        [1, 1, 0, 0, 1, 1],
-        [0, 1, 1, 0, 1, 1],
-    ], dtype=torch.bool)
+    history = torch.tensor(
+        [
+            [1, 1, 0, 0, 1, 1],
+            [0, 1, 1, 0, 0, 1],
+            [1, 1, 0, 0, 1, 1],
+            [0, 1, 1, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     # Forgetting events: item 0 -> 2, item 2 -> 1, item 4 -> 1, items 1 and 5 -> 0; item 3 never learned.
     assert forgetting(history, 2, gen(0)).tolist() == [3, 0]
     seen_ties = {tuple(forgetting(history, 3, gen(s)).tolist()) for s in range(20)}

@@ -1,4 +1,5 @@
 """Data sources, splits and transforms, on small fixtures written into tmp_path."""
+
 import csv
 import json
 import os
@@ -162,7 +163,10 @@ def test_shapes_rejects_bad_sizes():
 # ---- emoji --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isfile(emoji.FONT_PATH), reason="Debian's fonts-noto-color-emoji is not installed: `make setup` installs it when it runs as root or with sudo")
+@pytest.mark.skipif(
+    not os.path.isfile(emoji.FONT_PATH),
+    reason="Debian's fonts-noto-color-emoji is not installed: `make setup` installs it as root or with sudo",
+)
 def test_emoji_splits():
     splits = build_splits(config("emoji"))
     names, pixels = emoji.render_all(16)
@@ -193,14 +197,20 @@ def make_karpathy(root, prefix, annotation_dir="annotations"):
     """Train: one entry per caption (interleaved images); val/test: one entry per image with a caption list."""
     for name in ("a.png", "b.png", "c.png", "d.png"):
         write_png(root / "images" / name)
-    train = [{"image": "images/a.png", "caption": "A Dog.", "image_id": "0"},
-             {"image": "images/b.png", "caption": "a cat", "image_id": "1"},
-             {"image": "images/a.png", "caption": "the (big) dog", "image_id": "0"},
-             {"image": "images/c.png", "caption": "a bird", "image_id": "2"}]
-    evaluation = [{"image": "images/d.png", "caption": ["one", "two!"]},
-                  {"image": "images/a.png", "caption": ["three", "four", "five"]}]
-    files = {"flickr30k": ("flickr30k_train.json", "flickr30k_val.json", "flickr30k_test.json"),
-             "coco": ("coco_karpathy_train.json", "coco_karpathy_val.json", "coco_karpathy_test.json")}[prefix]
+    train = [
+        {"image": "images/a.png", "caption": "A Dog.", "image_id": "0"},
+        {"image": "images/b.png", "caption": "a cat", "image_id": "1"},
+        {"image": "images/a.png", "caption": "the (big) dog", "image_id": "0"},
+        {"image": "images/c.png", "caption": "a bird", "image_id": "2"},
+    ]
+    evaluation = [
+        {"image": "images/d.png", "caption": ["one", "two!"]},
+        {"image": "images/a.png", "caption": ["three", "four", "five"]},
+    ]
+    files = {
+        "flickr30k": ("flickr30k_train.json", "flickr30k_val.json", "flickr30k_test.json"),
+        "coco": ("coco_karpathy_train.json", "coco_karpathy_val.json", "coco_karpathy_test.json"),
+    }[prefix]
     write_json(root / annotation_dir / files[0], train)
     write_json(root / annotation_dir / files[1], evaluation)
     write_json(root / annotation_dir / files[2], evaluation)
@@ -258,9 +268,16 @@ def make_llava_chat(root, count=30):
     entries = []
     for i in range(count):
         write_png(root / "images" / f"GCC_{i:03d}.png", value=i)
-        entries.append({"id": f"GCC_{i:03d}", "image": f"GCC_{i:03d}.png", "conversations": [
-            {"from": "human", "value": "Describe the image briefly.\n<image>"},
-            {"from": "gpt", "value": f"Caption number {i}."}]})
+        entries.append(
+            {
+                "id": f"GCC_{i:03d}",
+                "image": f"GCC_{i:03d}.png",
+                "conversations": [
+                    {"from": "human", "value": "Describe the image briefly.\n<image>"},
+                    {"from": "gpt", "value": f"Caption number {i}."},
+                ],
+            }
+        )
     write_json(root / "chat.json", entries)
 
 
@@ -283,8 +300,10 @@ def test_cc3m_chat_json_is_split_by_seed(tmp_path):
 
 def test_cc3m_split_files_and_metadata(tmp_path):
     for name, count in [("train", 4), ("val", 2), ("test", 5)]:
-        write_json(tmp_path / "Annotation" / f"cc3m_captions_{name}.json",
-                   [{"image": f"{name}/{i}.jpg", "caption": f"{name} {i}"} for i in range(count)])
+        write_json(
+            tmp_path / "Annotation" / f"cc3m_captions_{name}.json",
+            [{"image": f"{name}/{i}.jpg", "caption": f"{name} {i}"} for i in range(count)],
+        )
     splits = build_splits(config("cc3m", tmp_path, test_images=3))
     assert splits["train"].captions == ["train 0", "train 1", "train 2", "train 3"]
     assert splits["test"].captions == ["test 0", "test 1", "test 2"]
@@ -414,8 +433,11 @@ def test_folder_layout_errors_show_the_layout_and_a_command(tmp_path, layout):
     message = str(err.value)
     assert "\n" not in message and f"{root}/metadata.csv (columns file_name,text" in message
     assert f"mmdistill run --preset shapes-100 --set data.source=folder --set data.root={root}" in message
-    assert {"missing": "data root not found", "empty": "no metadata.csv or metadata.jsonl in",
-            "no-train": "has test split folders but no train/"}[layout] in message
+    assert {
+        "missing": "data root not found",
+        "empty": "no metadata.csv or metadata.jsonl in",
+        "no-train": "has test split folders but no train/",
+    }[layout] in message
 
 
 # ---- transforms ---------------------------------------------------------------------------------------------------
@@ -429,8 +451,17 @@ def test_transforms_output_normalised_floats(shapes_splits):
     test = build_transform(24, CLIP_MEAN, CLIP_STD, "none")
     assert torch.equal(test(image), test(image))
     assert set(SpecRandAugment._AUGMENTATION_SPACE) == {
-        "Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize",
-        "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+        "Identity",
+        "AutoContrast",
+        "Brightness",
+        "Sharpness",
+        "Equalize",
+        "ShearX",
+        "ShearY",
+        "TranslateX",
+        "TranslateY",
+        "Rotate",
+    }
     with pytest.raises(ValueError):
         build_transform(24, CLIP_MEAN, CLIP_STD, "mixup")
 
@@ -439,8 +470,9 @@ def test_pixel_tensor_and_dataset(shapes_splits):
     split = shapes_splits["validation"]
     pixels = pixel_tensor(split, 16, CLIP_MEAN, CLIP_STD)
     assert pixels.shape == (len(split), 3, 16, 16) and pixels.dtype == torch.float32
-    expected = (split.images[3].float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None]) / \
-        torch.tensor(CLIP_STD)[:, None, None]
+    expected = (split.images[3].float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[
+        :, None, None
+    ]
     assert torch.allclose(pixels[3], expected, atol=1e-5)
     dataset = ImageDataset(split, build_transform(16, CLIP_MEAN, CLIP_STD, "none"))
     image, index = dataset[3]
@@ -454,7 +486,7 @@ def test_augment_batch_is_deterministic_per_generator(shapes_splits):
     other = augment_batch(pixels, 12, torch.Generator().manual_seed(2), flip=True)
     assert first.shape == (len(pixels), 3, 12, 12) and first.dtype == torch.float32
     assert torch.equal(first, again) and not torch.equal(first, other)
-    assert 0 <= first.min() and first.max() <= 1
+    assert first.min() >= 0 and first.max() <= 1
     unflipped = augment_batch(pixels, 12, torch.Generator().manual_seed(1), flip=False)
     assert unflipped.shape == first.shape
 

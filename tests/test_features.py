@@ -71,10 +71,19 @@ def test_image_features_from_files_match_in_memory_pixels(tmp_path, pixels):
 
 
 def test_cache_key_changes_with_what_the_features_depend_on(pixels):
-    base = {"kind": "image", "split": tiny_split(pixels).fingerprint(), "encoder": "efficientnet_lite0",
-            "image_size": 32, "pretrained": True}
-    changes = [{"encoder": "timm:resnet18"}, {"image_size": 64}, {"pretrained": False},
-               {"split": tiny_split(pixels.flip(0)).fingerprint()}]
+    base = {
+        "kind": "image",
+        "split": tiny_split(pixels).fingerprint(),
+        "encoder": "efficientnet_lite0",
+        "image_size": 32,
+        "pretrained": True,
+    }
+    changes = [
+        {"encoder": "timm:resnet18"},
+        {"image_size": 64},
+        {"pretrained": False},
+        {"split": tiny_split(pixels.flip(0)).fingerprint()},
+    ]
     paths = {cache_path("c", base)} | {cache_path("c", dict(base, **change)) for change in changes}
     assert len(paths) == 1 + len(changes)
     assert cache_path("c", base) == cache_path("c", dict(base))  # stable

@@ -1,4 +1,5 @@
 """The `hf` data source: datasets the test builds and saves locally (save_to_disk and a parquet folder)."""
+
 import os
 import subprocess
 import sys
@@ -14,9 +15,20 @@ from mmdistill.errors import UserError  # noqa: E402
 
 
 def config(name, **overrides):
-    fields = dict(source="hf", name=str(name), image_column="image", text_column="text", split_map={},
-                  image_size=8, seed=0, max_words=30, val_images=0, test_images=0, val_fraction=0.1,
-                  test_fraction=0.1)
+    fields = dict(
+        source="hf",
+        name=str(name),
+        image_column="image",
+        text_column="text",
+        split_map={},
+        image_size=8,
+        seed=0,
+        max_words=30,
+        val_images=0,
+        test_images=0,
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
     return SimpleNamespace(**{**fields, **overrides})
 
 
@@ -25,9 +37,12 @@ def table(rows, offset=0):
 
     images = [Image.fromarray(np.full((10 + i, 12, 3), 20 * (i + offset) % 250, np.uint8)) for i in range(rows)]
     captions = [[f"photo {i + offset}", f"another view of {i + offset}"] for i in range(rows)]
-    return datasets.Dataset.from_dict({"picture": images, "caption": captions},
-                                      features=datasets.Features({"picture": datasets.Image(),
-                                                                  "caption": datasets.Sequence(datasets.Value("string"))}))
+    return datasets.Dataset.from_dict(
+        {"picture": images, "caption": captions},
+        features=datasets.Features(
+            {"picture": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}
+        ),
+    )
 
 
 def test_save_to_disk_dataset_with_columns_and_split_map(tmp_path):
@@ -58,9 +73,26 @@ def test_missing_local_folder_and_offline_hub_id_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="dataset folder not found: ./no/such/folder"):
         build_splits(config("./no/such/folder"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "mmdistill", "prepare", "--preset", "shapes-tiny", "--set",
-                             "data.source=hf", "--set", "data.name=nobody/no-such-dataset",
-                             "--set", f"cache_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmdistill",
+            "prepare",
+            "--preset",
+            "shapes-tiny",
+            "--set",
+            "data.source=hf",
+            "--set",
+            "data.name=nobody/no-such-dataset",
+            "--set",
+            f"cache_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mmdistill: error: cannot load dataset 'nobody/no-such-dataset'")

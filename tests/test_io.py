@@ -1,4 +1,5 @@
 """io: one lock per output folder, write failures as OSErrors naming the file and cause, safe torch loading."""
+
 import errno
 import os
 import subprocess
@@ -23,8 +24,12 @@ with folder_lock(sys.argv[1]):
 
 
 def test_a_second_holder_is_refused_while_the_first_lives(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=f"in use by another mmdistill command \\(pid {holder.pid}") as err:
@@ -43,8 +48,9 @@ def test_a_dead_holders_lock_is_taken_over_with_a_message(tmp_path, caplog):
     (tmp_path / LOCK_FILE).write_text(dead.stdout)  # what a holder killed with -9 leaves
     with folder_lock(tmp_path):
         pass
-    assert caplog.messages == [f"taking over {tmp_path / LOCK_FILE} from pid {dead.stdout.strip()},"
-                               " which ended without releasing it"]
+    assert caplog.messages == [
+        f"taking over {tmp_path / LOCK_FILE} from pid {dead.stdout.strip()}, which ended without releasing it"
+    ]
     caplog.clear()
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released normally: nothing to take over next time
     with folder_lock(tmp_path):
@@ -60,8 +66,9 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_message(tmp_path, monk
     monkeypatch.setattr(io_module.fcntl, "flock", no_flock)
     with folder_lock(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
-    assert caplog.messages[0].startswith(f"cannot lock {tmp_path / LOCK_FILE} (Function not implemented);"
-                                         " running without a lock")
+    assert caplog.messages[0].startswith(
+        f"cannot lock {tmp_path / LOCK_FILE} (Function not implemented); running without a lock"
+    )
 
 
 def test_a_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
@@ -72,18 +79,22 @@ def test_a_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
     with pytest.raises(OSError) as err:
         save_tensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
     assert (err.value.errno, err.value.strerror, err.value.filename) == (
-        errno.ENOSPC, "No space left on device", str(tmp_path / "a.safetensors"))
+        errno.ENOSPC,
+        "No space left on device",
+        str(tmp_path / "a.safetensors"),
+    )
     assert [p.name for p in tmp_path.iterdir()] == []  # no partial or temporary file left
 
 
 def test_torch_save_on_a_full_disk_raises_enospc_not_a_runtime_error(tmp_path, monkeypatch):
     """On a full disk torch.save into a Python file raises RuntimeError('unexpected pos ...') while handling the
     file's OSError (seen on a 64 KiB tmpfs); the OSError is what reaches the user."""
+
     def full(obj, f):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 vs 2134")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 vs 2134") from None
 
     monkeypatch.setattr(io_module.torch, "save", full)
     with pytest.raises(OSError) as err:

@@ -1,5 +1,6 @@
 """The package's layout is its pipeline: a module imports only from its own layer or an earlier one
 (docs/architecture.md draws the same table), and the on-disk contracts import no stage."""
+
 import ast
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def _imports(path: Path) -> set[str]:
             else:
                 found.add(node.module.removeprefix("mmdistill").lstrip("."))
         elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix("mmdistill").lstrip(".") for a in node.names
-                      if a.name.split(".")[0] == "mmdistill"}
+            found |= {
+                a.name.removeprefix("mmdistill").lstrip(".") for a in node.names if a.name.split(".")[0] == "mmdistill"
+            }
     return found
 
 
@@ -72,8 +74,14 @@ def test_contracts_import_no_stage(contract):
 
 def test_the_architecture_page_lists_every_module():
     page = (PACKAGE.parents[1] / "docs" / "architecture.md").read_text()
-    missing = [m for m, path in MODULES.items()
-               if m and not m.endswith("__init__") and path.name != "__init__.py"
-               and f"{path.relative_to(PACKAGE)}" not in page and f"`{path.name}`" not in page
-               and f"`{m.split('.')[-1]}`" not in page]
+    missing = [
+        m
+        for m, path in MODULES.items()
+        if m
+        and not m.endswith("__init__")
+        and path.name != "__init__.py"
+        and f"{path.relative_to(PACKAGE)}" not in page
+        and f"`{path.name}`" not in page
+        and f"`{m.split('.')[-1]}`" not in page
+    ]
     assert not missing, f"docs/architecture.md does not mention {missing}"

@@ -1,5 +1,6 @@
 """Every loss against an independent float64 transcription of the spec's formulas (spec 6), at ordinary and at
 saturated logits, values and gradients; gradients also checked by finite differences (gradcheck)."""
+
 import math
 
 import pytest
@@ -29,38 +30,47 @@ def _sigmoid(x):
 
 def ref_nce(z, s):
     """1/2 [-mean_i sum_j S_ij log softmax(Z)_ij + the same on Z^T, S^T]."""
+
     def one(z, s):
         ls = _log_softmax_rows(z)
         return -sum(sum(s[i][j] * ls[i][j] for j in range(len(z))) for i in range(len(z))) / len(z)
+
     return (one(z, s) + one(_transpose(z), _transpose(s))) / 2
 
 
 def ref_cwcl(z, s):
     """InfoNCE with each target row divided by (sum_j S_ij + 1e-6)."""
+
     def rows(s):
         return [[v / (sum(row) + 1e-6) for v in row] for row in s]
 
     def one(z, s):
         ls = _log_softmax_rows(z)
         return -sum(sum(s[i][j] * ls[i][j] for j in range(len(z))) for i in range(len(z))) / len(z)
+
     return (one(z, rows(s)) + one(_transpose(z), rows(_transpose(s)))) / 2
 
 
 def ref_kl(z, s):
     """1/2 [KL(softmax(10 S) || softmax(Z)) + transpose], mean over the elements."""
+
     def one(z, s):
         q = _softmax_rows([[10 * v for v in row] for row in s])
         lp = _log_softmax_rows(z)
         n = len(z)
         return sum(q[i][j] * (math.log(q[i][j]) - lp[i][j]) for i in range(n) for j in range(n)) / (n * n)
+
     return (one(z, s) + one(_transpose(z), _transpose(s))) / 2
 
 
 def ref_bce(z, s):
     """mean BCE(sigmoid(Z), S)."""
     n = len(z)
-    return sum(-(s[i][j] * math.log(_sigmoid(z[i][j])) + (1 - s[i][j]) * math.log(_sigmoid(-z[i][j])))
-               for i in range(n) for j in range(n)) / (n * n)
+    return sum(
+        -(s[i][j] * math.log(_sigmoid(z[i][j])) + (1 - s[i][j]) * math.log(_sigmoid(-z[i][j])))
+        for i in range(n)
+        for j in range(n)
+    ) / (n * n)
 
 
 def ref_wbce(z, s):
@@ -86,6 +96,7 @@ REFERENCE = {"nce": ref_nce, "cwcl": ref_cwcl, "kl": ref_kl, "bce": ref_bce, "wb
 
 def ref_gradient(fn, z, s, h=1e-6):
     """Central differences of the transcription, in Z and in S (float64 Python floats)."""
+
     def partials(matrix, call):
         out = [[0.0] * len(matrix) for _ in matrix]
         for i in range(len(matrix)):
@@ -96,8 +107,11 @@ def ref_gradient(fn, z, s, h=1e-6):
                 down[i][j] -= h
                 out[i][j] = (call(up) - call(down)) / (2 * h)
         return out
-    return (torch.tensor(partials(z, lambda m: fn(m, s)), dtype=torch.float64),
-            torch.tensor(partials(s, lambda m: fn(z, m)), dtype=torch.float64))
+
+    return (
+        torch.tensor(partials(z, lambda m: fn(m, s)), dtype=torch.float64),
+        torch.tensor(partials(s, lambda m: fn(z, m)), dtype=torch.float64),
+    )
 
 
 def _inputs(saturated: bool, n: int = 5, seed: int = 0):

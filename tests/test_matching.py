@@ -2,6 +2,7 @@
 derivative, dropout masks and blend draws replayed, autograd memory flat in syn_steps (fd keeps one parameter
 copy per step beside it), the GPU switches (bfloat16 autocast, channels_last) against float32, and descent on a toy
 problem."""
+
 import weakref
 
 import pytest
@@ -23,8 +24,14 @@ class ClampNet(nn.Sequential):
     out_dim = 4 * 4 * 4
 
     def __init__(self):
-        super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
-                         nn.ReLU6(), nn.AvgPool2d(2), nn.Flatten())
+        super().__init__(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU6(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+        )
 
 
 def problem(dtype=torch.float64, kind="full", dropout=0.0, space="pixel", encoder=None):
@@ -32,11 +39,19 @@ def problem(dtype=torch.float64, kind="full", dropout=0.0, space="pixel", encode
     torch.manual_seed(0)
     frozen = space == "feature"
     encoder = encoder or ConvNet(PX, depth=1, width=4)
-    model = DualEncoder(encoder, TEXT_DIM, image_trainable=not frozen, embed_dim=5 if frozen else 0,
-                        dropout=dropout).to(dtype).train()
+    model = (
+        DualEncoder(encoder, TEXT_DIM, image_trainable=not frozen, embed_dim=5 if frozen else 0, dropout=dropout)
+        .to(dtype)
+        .train()
+    )
     images = torch.randn(N, 64) if frozen else torch.randn(N, 3, PX, PX)
-    syn = {"images": images, "texts": torch.randn(N, TEXT_DIM), **init_similarity(kind, N, rank=3),
-           "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}
+    syn = {
+        "images": images,
+        "texts": torch.randn(N, TEXT_DIM),
+        **init_similarity(kind, N, rank=3),
+        "lr_img": torch.tensor([0.1]),
+        "lr_txt": torch.tensor([0.1]),
+    }
     if kind == "full":  # off the identity, entries in [0, 1]
         syn["sim_full"] = 0.9 * torch.eye(N) + 0.1 * torch.rand(N, N)
     if kind == "lowrank":  # R = 0 at init would give L no gradient
@@ -62,9 +77,16 @@ def relative_error(grads, reference):
     return max(((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
 
 
-@pytest.mark.parametrize("kind,space,merge", [("identity", "pixel", False), ("full", "pixel", False),
-                                              ("lowrank", "pixel", False), ("full", "pixel", True),
-                                              ("lowrank", "feature", False)])
+@pytest.mark.parametrize(
+    "kind,space,merge",
+    [
+        ("identity", "pixel", False),
+        ("full", "pixel", False),
+        ("lowrank", "pixel", False),
+        ("full", "pixel", True),
+        ("lowrank", "feature", False),
+    ],
+)
 def test_exact_equals_unroll_with_detached_parameter_path(kind, space, merge):
     setup, inner = problem(kind=kind, space=space), plan()
     loss, exact = gradient(setup, inner, "tesla", kind, merge_branches=merge)
@@ -109,12 +131,15 @@ def test_dropout_masks_are_replayed():
 
 def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
     setup, inner = problem(), plan(blend=1.0)
-    assert all(0 < lam < 1 and sorted(perm.tolist()) == list(range(len(b)))
-               for (lam, perm), b in zip(inner.blends, inner.batches))
+    assert all(
+        0 < lam < 1 and sorted(perm.tolist()) == list(range(len(b)))
+        for (lam, perm), b in zip(inner.blends, inner.batches)
+    )
     model = setup[0]
     seen, logits_at = [], model.logits_at
-    monkeypatch.setattr(model, "logits_at",
-                        lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend))
+    monkeypatch.setattr(
+        model, "logits_at", lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend)
+    )
     _, exact = gradient(setup, inner, "tesla")
     assert seen == inner.blends * 2  # pass 1, then the replay: the same (lam, perm) objects, step by step
     seen.clear()
@@ -209,14 +234,18 @@ def test_bfloat16_autocast_gradient_error_against_float32(record_property):
     model, syn, start, target = problem(torch.float32, encoder=ConvNet(PX, depth=2, width=8))
     inner = plan(steps=6)
     _, reference = gradient((model, syn, start, target), inner, "tesla")
-    errors = {mode: relative_error(gradient((model, syn, start, target), inner, mode, autocast=True)[1], reference)
-              for mode in ("fd", "tesla")}
+    errors = {
+        mode: relative_error(gradient((model, syn, start, target), inner, mode, autocast=True)[1], reference)
+        for mode in ("fd", "tesla")
+    }
     _, float32_fd = gradient((model, syn, start, target), inner, "fd")
     errors["fd float32"] = relative_error(float32_fd, reference)
     for mode, error in errors.items():
         record_property(f"relative_error_{mode.replace(' ', '_')}", error)
-    print(f"\nbfloat16 autocast, relative gradient error vs float32 exact: fd {errors['fd']:.3f}, "
-          f"exact {errors['tesla']:.3f} (float32 fd: {errors['fd float32']:.4f})")
+    print(
+        f"\nbfloat16 autocast, relative gradient error vs float32 exact: fd {errors['fd']:.3f}, "
+        f"exact {errors['tesla']:.3f} (float32 fd: {errors['fd float32']:.4f})"
+    )
     assert errors["fd float32"] < 0.01
     assert 0 < errors["tesla"] < 0.25 and 0 < errors["fd"] < 0.35  # bfloat16 keeps 8 significant bits
 
@@ -271,7 +300,7 @@ def test_merged_branches_merge_the_data_gradient_but_not_the_lr_gradients(mode):
     # the transcription: G_m by hand, with plain SGD steps on the same plan (no dropout in this student)
     theta, total = dict(start), {m: torch.zeros_like(t) for m, t in start.items()}
     alpha = {"img": syn["lr_img"], "txt": syn["lr_txt"]}
-    for i, index in enumerate(inner.batches):
+    for index in inner.batches:
         point = {m: t.detach().requires_grad_() for m, t in theta.items()}
         sim = similarity_block("full", {"sim_full": syn["sim_full"]}, index, 1.0)
         loss = LOSSES["wbce"](model.logits_at(point, syn["images"][index], syn["texts"][index]), sim)

@@ -72,8 +72,9 @@ def test_infinite_scores():
     sim[5, :7] = float("inf")
     sim[torch.tensor(txt2img[:4]), torch.arange(4)] = float("-inf")
     for block in ((64, 4096), (3, 2)):
-        assert retrieval_metrics(sim, img2txt, txt2img, block=block) == \
-            retrieval_metrics_reference(sim, img2txt, txt2img)
+        assert retrieval_metrics(sim, img2txt, txt2img, block=block) == retrieval_metrics_reference(
+            sim, img2txt, txt2img
+        )
 
 
 def test_keys_are_floats_and_r_mean_is_the_mean():
@@ -119,16 +120,19 @@ def test_image_rank_is_best_caption_rank():
     assert out["IR@1"] == 50.0 and out["IR@5"] == 100.0
 
 
-@pytest.mark.parametrize("sim,img2txt,txt2img", [
-    (torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), [[0], [1]], [0, 1]),
-    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [[0], [1]], [0, 1]),  # NaN off the ground truth
-    (torch.zeros(2, 3), [[0], [1]], [0, 1]),
-    (torch.zeros(2, 2), [[0, 1], []], [0, 0]),
-    (torch.zeros(2, 2), [[0], [1]], [0, 2]),
-    (torch.zeros(2, 2), [[0], [5]], [0, 1]),
-    (torch.zeros(2, 2), [[1], [0]], [0, 1]),
-    (torch.zeros(0, 0), [], []),
-])
+@pytest.mark.parametrize(
+    "sim,img2txt,txt2img",
+    [
+        (torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), [[0], [1]], [0, 1]),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [[0], [1]], [0, 1]),  # NaN off the ground truth
+        (torch.zeros(2, 3), [[0], [1]], [0, 1]),
+        (torch.zeros(2, 2), [[0, 1], []], [0, 0]),
+        (torch.zeros(2, 2), [[0], [1]], [0, 2]),
+        (torch.zeros(2, 2), [[0], [5]], [0, 1]),
+        (torch.zeros(2, 2), [[1], [0]], [0, 1]),
+        (torch.zeros(0, 0), [], []),
+    ],
+)
 def test_rejects_bad_input(sim, img2txt, txt2img):
     with pytest.raises(ValueError):
         retrieval_metrics(sim, img2txt, txt2img)
@@ -136,7 +140,17 @@ def test_rejects_bad_input(sim, img2txt, txt2img):
 
 def test_bench_metrics_small():
     out = bench_metrics(n_images=50, n_texts=250, large=(60, 300), repeats=1)
-    assert set(out) == {"shape", "counting_s", "torch_loop_s", "numpy_loop_s", "speedup", "counting_cpu_s",
-                        "speedup_cpu", "equal", "counting_s_60x300", "counting_cpu_s_60x300"}
+    assert set(out) == {
+        "shape",
+        "counting_s",
+        "torch_loop_s",
+        "numpy_loop_s",
+        "speedup",
+        "counting_cpu_s",
+        "speedup_cpu",
+        "equal",
+        "counting_s_60x300",
+        "counting_cpu_s_60x300",
+    }
     assert out["equal"] is True
     assert out["speedup"] == min(out["torch_loop_s"], out["numpy_loop_s"]) / out["counting_s"]

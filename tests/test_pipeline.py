@@ -1,4 +1,5 @@
 """Pipeline: stage reuse and resume (Ledger), and a shapes-tiny `run` end to end, reused, then partly rerun."""
+
 import json
 import logging
 import shutil
@@ -89,8 +90,15 @@ def test_run_sends_loss_lrs_recalls_and_the_table_to_the_sink(tiny):
     cfg, _, _, results = tiny
     seen = RecordingSink.scalars_seen
     groups = {group for group, _, _ in seen}
-    assert {"distill/ptm-st/phase-0", "distill/ptm-st/phase-1", "experts/expert-0", "experts/expert-1",
-            "results/ptm-st", "results/random", "results/full"} <= groups
+    assert {
+        "distill/ptm-st/phase-0",
+        "distill/ptm-st/phase-1",
+        "experts/expert-0",
+        "experts/expert-1",
+        "results/ptm-st",
+        "results/random",
+        "results/full",
+    } <= groups
     distill = [(values, step) for group, values, step in seen if group == "distill/ptm-st/phase-0"]
     assert [step for _, step in distill] == list(range(cfg.distill.phases[0].iterations))
     assert all(set(values) == {"loss", "lr_img", "lr_txt"} for values, _ in distill)
@@ -109,7 +117,7 @@ def test_run_writes_every_output(tiny):
     assert [results[k] for k in ("preset", "dataset", "pairs", "seed")] == ["shapes-tiny", "shapes", 20, 0]
     assert list(results["methods"]) == ["ptm-st", "random", "full"]
     for entry in results["methods"].values():
-        assert METRIC_KEYS <= set(entry)
+        assert set(entry) >= METRIC_KEYS
         assert 0.0 <= entry["r_mean"] <= 100.0
     assert results["methods"]["ptm-st"]["runs"] == cfg.evaluate.runs
     assert {f"{s}_s" for s in STAGES} <= set(results["timing"]) and results["timing"]["reused"] == []

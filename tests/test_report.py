@@ -1,4 +1,5 @@
 """Report: Markdown + self-contained HTML + figures from a hand-made results.json and a fake distilled folder."""
+
 import html as html_module
 import json
 import re
@@ -18,18 +19,34 @@ METHODS = ("ptm-st", "random", "full")
 
 
 def _entry(scale: float, std: float) -> dict:
-    recalls = {k: scale * f for k, f in zip(("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"),
-                                            (0.4, 1.0, 1.4, 0.5, 1.1, 1.5))}
-    return {**recalls, "r_mean": sum(recalls.values()) / 6, "r_mean_std": std, "std": {k: std for k in recalls},
-            "runs": 2, "protocol": "val (selected on validation)"}
+    recalls = {
+        k: scale * f for k, f in zip(("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"), (0.4, 1.0, 1.4, 0.5, 1.1, 1.5))
+    }
+    return {
+        **recalls,
+        "r_mean": sum(recalls.values()) / 6,
+        "r_mean_std": std,
+        "std": {k: std for k in recalls},
+        "runs": 2,
+        "protocol": "val (selected on validation)",
+    }
 
 
 def _fake_phase(path: Path, pairs: int, gen: torch.Generator) -> None:
     sim = torch.eye(pairs) + 0.05 * torch.randn(pairs, pairs, generator=gen)
-    save_tensors({"images": torch.randn(pairs, 3, 8, 8, generator=gen), "texts": torch.randn(pairs, 16, generator=gen),
-                  "sim_full": sim, "lr_img": torch.tensor([0.1]), "lr_txt": torch.tensor([0.1])}, path,
-                 metadata={"mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0, "pairs": pairs,
-                                                    "fingerprint": "fake"})})  # distill.load_phase
+    save_tensors(
+        {
+            "images": torch.randn(pairs, 3, 8, 8, generator=gen),
+            "texts": torch.randn(pairs, 16, generator=gen),
+            "sim_full": sim,
+            "lr_img": torch.tensor([0.1]),
+            "lr_txt": torch.tensor([0.1]),
+        },
+        path,
+        metadata={
+            "mmdistill": json.dumps({"similarity": "full", "sim_alpha": 1.0, "pairs": pairs, "fingerprint": "fake"})
+        },
+    )  # distill.load_phase
 
 
 @pytest.fixture
@@ -43,8 +60,10 @@ def run_dir(tmp_path):
         Image.new("RGB", (48, 24), (200, 40, 40)).save(distilled / f"phase-{phase}-images.png")
         captions = [{"caption": f"a red circle {i}", "caption_id": i, "similarity": 0.9} for i in range(6)]
         (distilled / f"phase-{phase}-captions.json").write_text(json.dumps(captions))
-        history += [{"phase": phase, "iteration": i, "loss": 1.0 / (i + 1), "lr_img": 0.1, "lr_txt": 0.1,
-                     "seconds": 0.1} for i in range(30)]
+        history += [
+            {"phase": phase, "iteration": i, "loss": 1.0 / (i + 1), "lr_img": 0.1, "lr_txt": 0.1, "seconds": 0.1}
+            for i in range(30)
+        ]
         history.append({"phase": phase, "event": "recovery", "iteration": 3})
     (distilled / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     meta = {"method": "ptm-st", "fingerprint": "fake", "planned_phases": 2, "phases": [{"pairs": 6}] * 2}
@@ -54,15 +73,26 @@ def run_dir(tmp_path):
 
 
 def _results() -> dict:
-    return {"preset": "shapes-tiny", "dataset": "shapes", "pairs": 12, "seed": 0,
-            "methods": {"ptm-st": _entry(30, 1.0), "random": {**_entry(15, 0.5), "lr": 0.03}, "full": _entry(45, 0.2)},
-            "timing": {"prepare_s": 1.0, "experts_s": 2.0, "distill_s": 3.0, "evaluate_s": 4.0, "reused": ["prepare"]}}
+    return {
+        "preset": "shapes-tiny",
+        "dataset": "shapes",
+        "pairs": 12,
+        "seed": 0,
+        "methods": {"ptm-st": _entry(30, 1.0), "random": {**_entry(15, 0.5), "lr": 0.03}, "full": _entry(45, 0.2)},
+        "timing": {"prepare_s": 1.0, "experts_s": 2.0, "distill_s": 3.0, "evaluate_s": 4.0, "reused": ["prepare"]},
+    }
 
 
 def test_report_writes_markdown_html_and_figures(run_dir):
     figures = {p.name for p in (run_dir / "figures").glob("*.png")}
-    assert {"methods.png", "loss.png", "similarity.png", "timing.png", "phase-0-images.png",
-            "phase-1-images.png"} <= figures
+    assert {
+        "methods.png",
+        "loss.png",
+        "similarity.png",
+        "timing.png",
+        "phase-0-images.png",
+        "phase-1-images.png",
+    } <= figures
     assert "recall.png" not in figures  # no recall_curve.json: no plot, and the report says so
     md = (run_dir / "report.md").read_text()
     assert "# mmdistill report: shapes-tiny" in md and "not available" in md
@@ -123,23 +153,45 @@ document.getElementById("report").addEventListener("load", () => {
 });
 </script></body></html>"""
 
-_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+_CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium(profile: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["chromium", *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run(
+        ["chromium", *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed: `make setup` installs it when it runs as root or with sudo")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed: `make setup` installs it when it runs as root or with sudo",
+)
 def test_html_renders_in_headless_chromium(run_dir):
     (run_dir / "probe.html").write_text(_PROBE)
     with tempfile.TemporaryDirectory() as profile:
-        probe = _chromium(profile, "--allow-file-access-from-files", "--enable-logging=stderr", "--v=0",
-                          "--virtual-time-budget=10000", "--dump-dom", (run_dir / "probe.html").as_uri())
+        probe = _chromium(
+            profile,
+            "--allow-file-access-from-files",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (run_dir / "probe.html").as_uri(),
+        )
         shown = json.loads(html_module.unescape(re.search(r'<pre id="probe">(.*?)</pre>', probe.stdout, re.S)[1]))
         screenshot = run_dir / "screenshot.png"
         _chromium(profile, f"--screenshot={screenshot}", "--window-size=1280,1600", (run_dir / "report.html").as_uri())

@@ -1,5 +1,6 @@
 """The distilled-set format on a shapes-tiny run: load_distilled, exports and their exact round trip, reference
 .pt files from other code bases, inspect, and the README example."""
+
 import json
 import re
 import shutil
@@ -55,8 +56,11 @@ def test_a_newer_major_format_is_refused(tiny_run, tmp_path):
     copy = shutil.copytree(tiny_run[0] / "distilled", tmp_path / "d")
     phase = load_synthetic(copy)[0]
     metadata = {k: v for k, v in phase.items() if not torch.is_tensor(v)}
-    write_phase(copy / "phase-0.safetensors", {k: v for k, v in phase.items() if torch.is_tensor(v)},
-                {**metadata, "format_version": "1.7"})  # a newer minor version of the same major reads
+    write_phase(
+        copy / "phase-0.safetensors",
+        {k: v for k, v in phase.items() if torch.is_tensor(v)},
+        {**metadata, "format_version": "1.7"},
+    )  # a newer minor version of the same major reads
     assert len(load_synthetic(copy)) == 2
     meta = json.loads((copy / "meta.json").read_text())
     (copy / "meta.json").write_text(json.dumps({**meta, "format_version": "2.0"}))
@@ -76,8 +80,10 @@ def test_a_set_written_before_the_format_was_versioned_reads_as_1_0(tiny_run, tm
     assert old.normalization == current.normalization and old.encoders == current.encoders
     reference = tmp_path / "distilled_0_50.pt"
     reference.touch()
-    with pytest.raises(UserError, match="is a file, not a distilled set's folder; a .pt from another code base needs"
-                                        " --format ptm-st or lors"):
+    with pytest.raises(
+        UserError,
+        match="is a file, not a distilled set's folder; a .pt from another code base needs --format ptm-st or lors",
+    ):
         load_distilled(reference)
 
 
@@ -87,8 +93,21 @@ def test_export_folder_round_trip_is_exact(tiny_run, tmp_path):
     out = tmp_path / "exported"
     assert main(["export", str(path), "--to", "folder", str(out)]) == 0
     sets = [arg for item in overrides for arg in ("--set", item)]
-    assert main(["evaluate", "--preset", "shapes-tiny", *sets, "--synthetic", str(out),
-                 "--out", str(tmp_path / "results.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--preset",
+                "shapes-tiny",
+                *sets,
+                "--synthetic",
+                str(out),
+                "--out",
+                str(tmp_path / "results.json"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "results.json").read_text())["methods"]["ptm-st"]
     original = json.loads((path / "results.json").read_text())["methods"]["ptm-st"]
     assert again["r_mean"] == original["r_mean"]
@@ -137,9 +156,17 @@ def _reference_file(phase: dict, path: Path, norm: dict) -> Path:
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     clip_mean, clip_std = (torch.tensor(CLIP_NORMALIZATION[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     image = (phase["images"] * std + mean - clip_mean) / clip_std
-    torch.save({"image": image, "text": phase["texts"], "similarity_params": [phase["sim_full"]],
-                "similarity_mat": phase["sim_full"], "syn_lr_img": phase["lr_img"][0],
-                "syn_lr_txt": phase["lr_txt"][0]}, path)
+    torch.save(
+        {
+            "image": image,
+            "text": phase["texts"],
+            "similarity_params": [phase["sim_full"]],
+            "similarity_mat": phase["sim_full"],
+            "syn_lr_img": phase["lr_img"][0],
+            "syn_lr_txt": phase["lr_txt"][0],
+        },
+        path,
+    )
     return path
 
 
@@ -173,11 +200,13 @@ def test_a_reference_file_of_another_encoder_is_refused_with_both_shapes(tiny_ru
     native = load_distilled(path)
     phase = native.phases[0]
     file = _reference_file({**phase, "texts": torch.randn(10, 768)}, tmp_path / "bert.pt", native.normalization)
-    with pytest.raises(UserError, match=r"text embeddings of shape \(10, 768\), expected \(10, 384\) for text"
-                                        r" encoder 'minilm'"):
+    with pytest.raises(
+        UserError,
+        match=r"text embeddings of shape \(10, 768\), expected \(10, 384\) for text"
+        r" encoder 'minilm'",
+    ):
         evaluate_command(cfg, file, tmp_path / "out", fmt="lors")
-    file = _reference_file({**phase, "images": torch.zeros(10, 3, 224, 224)}, tmp_path / "big.pt",
-                           native.normalization)
+    file = _reference_file({**phase, "images": torch.zeros(10, 3, 224, 224)}, tmp_path / "big.pt", native.normalization)
     with pytest.raises(UserError, match=r"images of shape \(10, 3, 224, 224\), expected \(10, 3, 16, 16\)"):
         evaluate_command(cfg, file, tmp_path / "out", fmt="lors")
 
@@ -198,8 +227,10 @@ def test_a_pickled_object_is_refused_without_running_it(tmp_path, capsys):
     torch.save({"image": torch.zeros(2, 3, 16, 16), "hook": _Payload(marker)}, file)
     assert main(["inspect", str(file), "--format", "ptm-st"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"mmdistill: error: cannot read ptm-st distilled set {file}: it holds objects other than tensors"
-                   " and plain containers\n")
+    assert err == (
+        f"mmdistill: error: cannot read ptm-st distilled set {file}: it holds objects other than tensors"
+        " and plain containers\n"
+    )
     assert not marker.exists()
 
 
@@ -243,7 +274,7 @@ def test_a_feature_space_set_exports_its_features_and_nearest_real_images(tiny_r
 
 def test_the_readme_example_runs_as_written(tiny_run, tmp_path, monkeypatch, capsys):
     text = README.read_text()
-    section = text[text.index("## Use a distilled set"):]
+    section = text[text.index("## Use a distilled set") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shutil.copytree(tiny_run[0] / "distilled", tmp_path / "runs" / "tiny" / "distilled")
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,5 @@
 """Metrics sinks: TensorBoard event files read back, wandb through an injected module, and the no-sink default."""
+
 import importlib.util
 
 import pytest
@@ -17,10 +18,13 @@ def test_tensorboard_sink_writes_scalars_that_tensorboard_reads(tmp_path):
         log_table({"ptm-st": {"r_mean": 38.1, "runs": 3, "protocol": "val", "std": {"r_mean": 0.2}}})
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"distill/ptm-st/phase-0/loss", "distill/ptm-st/phase-0/lr_img",
-                                            "results/ptm-st/r_mean", "results/ptm-st/runs"}
-    assert [(e.step, e.value) for e in events.Scalars("distill/ptm-st/phase-0/loss")] == [(0, 2.0), (1, 1.5),
-                                                                                          (2, 1.25)]
+    assert set(events.Tags()["scalars"]) == {
+        "distill/ptm-st/phase-0/loss",
+        "distill/ptm-st/phase-0/lr_img",
+        "results/ptm-st/r_mean",
+        "results/ptm-st/runs",
+    }
+    assert [(e.step, e.value) for e in events.Scalars("distill/ptm-st/phase-0/loss")] == [(0, 2.0), (1, 1.5), (2, 1.25)]
     assert events.Scalars("results/ptm-st/r_mean")[0].value == pytest.approx(38.1)
 
 
@@ -57,7 +61,8 @@ def test_wandb_sink_is_offline_by_default_and_steps_each_group(tmp_path, monkeyp
         ("define_metric", "experts/expert-0/*", "experts/expert-0/step"),
         ("log", {"experts/expert-0/step": 1, "experts/expert-0/loss": 1.0}),
         ("log", {"experts/expert-0/step": 2, "experts/expert-0/loss": 0.5}),
-        ("finish",)]
+        ("finish",),
+    ]
 
 
 def test_no_sink_is_a_no_op_and_a_missing_package_names_the_extra(tmp_path):

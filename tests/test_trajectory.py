@@ -1,4 +1,5 @@
 """Shortcut trajectories against a direct per-tensor implementation of the formula, on hand-made experts."""
+
 import pytest
 import torch
 
@@ -21,18 +22,18 @@ def make_trajectory(layout: ParamLayout, seed: int) -> torch.Tensor:
     steps = torch.randn(EPOCHS, layout.numel, generator=gen) * torch.rand(EPOCHS, 1, generator=gen) * 3
     trajectory = torch.cat([torch.randn(1, layout.numel, generator=gen), steps]).cumsum(0)
     if "frozen" in layout.names:
-        start = sum(layout.sizes[:layout.names.index("frozen")])
-        trajectory[:, start:start + 4] = trajectory[0, start:start + 4]
+        start = sum(layout.sizes[: layout.names.index("frozen")])
+        trajectory[:, start : start + 4] = trajectory[0, start : start + 4]
     return trajectory
 
 
 def spec_shortcut(trajectory: torch.Tensor, layout: ParamLayout, start: int, end: int, t: int) -> torch.Tensor:
     """PTM-ST's shortcut formula, one parameter tensor at a time, in float64."""
-    window = trajectory[start:end + 1].double()
+    window = trajectory[start : end + 1].double()
     parts = []
     offset = 0
     for size in layout.sizes:
-        piece = window[:, offset:offset + size]
+        piece = window[:, offset : offset + size]
         norms = (piece[1:] - piece[:-1]).norm(dim=1)
         beta = norms[:t].sum() / norms.sum() if norms.sum() > 0 else torch.tensor(0.0, dtype=torch.float64)
         parts.append((1 - beta) * piece[0] + beta * piece[-1])
@@ -118,8 +119,9 @@ def test_export_shortcut_native_and_reference(store, tmp_path):
     for expert in range(2):
         original = store.trajectory(expert)
         exported = native.trajectory(expert)
-        reference = {g: torch.load(tmp_path / "reference" / f"{g}_replay_buffer_{expert}.pt", weights_only=True)
-                     for g in GROUPS}
+        reference = {
+            g: torch.load(tmp_path / "reference" / f"{g}_replay_buffer_{expert}.pt", weights_only=True) for g in GROUPS
+        }
         for g in GROUPS:
             assert torch.equal(exported[g][0], original[g][1]) and torch.equal(exported[g][3], original[g][4])
             for t in range(4):

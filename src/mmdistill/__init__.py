@@ -12,9 +12,11 @@ def __getattr__(name: str):
     """The public API, imported on first use so that `import mmdistill` (and the CLI) stays fast."""
     if name == "load_distilled":
         from mmdistill.synthetic import load_distilled
+
         return load_distilled
     if name == "train_student":
         from mmdistill.evaluation.student import train_student
+
         return train_student
     raise AttributeError(f"module 'mmdistill' has no attribute {name!r}")
 

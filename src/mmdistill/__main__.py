@@ -1,4 +1,5 @@
 """`python -m mmdistill` (also how torchrun launches it)."""
+
 import sys
 
 from mmdistill.cli import main

@@ -3,6 +3,7 @@
 User errors (bad preset, key, value, file) print one line `mmdistill: error: ...` and exit with status 2;
 failures of the system (read-only folder, full disk) print one line naming the path and the cause, status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -166,10 +167,17 @@ def _tracked(args):
 def _config_options(p):
     """--preset, --config and --set: the options that make a command's config (shared by every command)."""
     p.add_argument("--preset", help="shipped preset name (see `mmdistill presets`)")
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="your own preset: same keys as a shipped one, merged over --preset, then --set")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. distill.phases.0.pairs=25 (repeatable)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="your own preset: same keys as a shipped one, merged over --preset, then --set",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. distill.phases.0.pairs=25 (repeatable)",
+    )
 
 
 def _common(p, out_required=False, out=True):
@@ -178,25 +186,41 @@ def _common(p, out_required=False, out=True):
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     if out:
         p.add_argument("--out", required=out_required, help="output folder")
-        p.add_argument("--log", nargs="+", metavar=("SINK", "DIR"),
-                       help="also send scalars to `tensorboard DIR` or `wandb [DIR]` (offline without WANDB_API_KEY)")
+        p.add_argument(
+            "--log",
+            nargs="+",
+            metavar=("SINK", "DIR"),
+            help="also send scalars to `tensorboard DIR` or `wandb [DIR]` (offline without WANDB_API_KEY)",
+        )
 
 
 def _log_level_option(p, default):
-    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
-                   help="messages shown: debug, info (default, or $MMDISTILL_LOG_LEVEL), warning, error")
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=default,
+        help="messages shown: debug, info (default, or $MMDISTILL_LOG_LEVEL), warning, error",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdistill", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"mmdistill {__version__}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version", action="version", version=f"mmdistill {__version__}", help="print the version and exit"
+    )
     _log_level_option(parser, None)
     # --set / --config before the command name are allowed too; they merge with the command's own
-    parser.add_argument("--set", dest="global_set", action="append", metavar="KEY=VALUE",
-                        help="override a config key for the command that follows (repeatable)")
-    parser.add_argument("--config", dest="global_config", metavar="FILE.yaml",
-                        help="your own preset file for the command that follows")
+    parser.add_argument(
+        "--set",
+        dest="global_set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key for the command that follows (repeatable)",
+    )
+    parser.add_argument(
+        "--config", dest="global_config", metavar="FILE.yaml", help="your own preset file for the command that follows"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help, func):
@@ -216,8 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("experts", "train expert trajectories (torchrun shards them over ranks)", cmd_experts)
     experts_sub = p.add_subparsers(dest="experts_command", metavar="[import]")
     _common(p, out_required=False)
-    p.add_argument("--restart", action="store_true", help="retrain the experts in OUT made with other settings"
-                   " (without it they are refused, naming the keys that differ)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="retrain the experts in OUT made with other settings"
+        " (without it they are refused, naming the keys that differ)",
+    )
     q = experts_sub.add_parser("import", help="import published reference-format replay buffers")
     q.add_argument("--from", dest="source", required=True, help="folder with {img,txt}_replay_buffer_N.pt")
     q.add_argument("--format", default="reference", choices=["reference"], help="layout of the files (reference)")
@@ -229,43 +257,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, required=True, help="first snapshot of the window")
     p.add_argument("--end", type=int, required=True, help="last snapshot, inclusive")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", default="native", choices=["native", "reference"],
-                   help="native (safetensors per expert) or reference (replay-buffer .pt files)")
+    p.add_argument(
+        "--format",
+        default="native",
+        choices=["native", "reference"],
+        help="native (safetensors per expert) or reference (replay-buffer .pt files)",
+    )
 
     p = command("distill", "distil the phases of a preset from expert trajectories", cmd_distill)
     _common(p, out_required=True)
     p.add_argument("--experts", required=True, help="expert folder (from `mmdistill experts`)")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoints (refused if a key that shapes the distilled data changed)")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints (refused if a key that shapes the distilled data changed)",
+    )
     again.add_argument("--restart", action="store_true", help="discard what an earlier distillation left in OUT")
 
     p = command("evaluate", "train fresh students on synthetic phases and report retrieval recall", cmd_evaluate)
     _common(p, out_required=True)
-    p.add_argument("--synthetic", required=True,
-                   help="distilled set: run or distillation folder, an export, or another code base's .pt (--format)")
-    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"],
-                   help="layout of --synthetic: mmdistill's own (default) or the PTM-ST / LoRS reference .pt")
+    p.add_argument(
+        "--synthetic",
+        required=True,
+        help="distilled set: run or distillation folder, an export, or another code base's .pt (--format)",
+    )
+    p.add_argument(
+        "--format",
+        default="mmdistill",
+        choices=["mmdistill", "ptm-st", "lors"],
+        help="layout of --synthetic: mmdistill's own (default) or the PTM-ST / LoRS reference .pt",
+    )
     p.add_argument("--runs", type=int, help="students trained per phase set (config key evaluate.runs)")
 
     p = command("export", "export a distilled set as a Hugging Face imagefolder or datasets.Dataset", cmd_export)
     p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder or export")
-    p.add_argument("--to", required=True, choices=["folder", "hf"],
-                   help="folder: imagefolder layout; hf: datasets.Dataset.save_to_disk (needs mmdistill[hf])")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["folder", "hf"],
+        help="folder: imagefolder layout; hf: datasets.Dataset.save_to_disk (needs mmdistill[hf])",
+    )
     p.add_argument("out", metavar="OUT", help="new output folder")
     p.add_argument("--push", metavar="REPO_ID", help="then upload to the Hugging Face Hub as this dataset repo")
 
     p = command("inspect", "one-screen summary of a distilled set", cmd_inspect)
     p.add_argument("source", metavar="RUN_OR_DIR", help="run folder, distillation folder, export or .pt")
-    p.add_argument("--format", default="mmdistill", choices=["mmdistill", "ptm-st", "lors"],
-                   help="layout of RUN_OR_DIR: mmdistill's own (default) or the PTM-ST / LoRS reference .pt")
+    p.add_argument(
+        "--format",
+        default="mmdistill",
+        choices=["mmdistill", "ptm-st", "lors"],
+        help="layout of RUN_OR_DIR: mmdistill's own (default) or the PTM-ST / LoRS reference .pt",
+    )
 
     p = command("run", "prepare -> experts -> distill -> evaluate -> report", cmd_run)
     _common(p, out_required=True)
-    p.add_argument("--resume", action="store_true", help="continue unfinished stages from their files (refused for"
-                   " experts or a distillation made with other settings)")
-    p.add_argument("--restart", action="store_true",
-                   help="with --resume: redo the experts and distillations whose settings changed")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue unfinished stages from their files (refused for"
+        " experts or a distillation made with other settings)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --resume: redo the experts and distillations whose settings changed",
+    )
 
     p = command("demo", "the embedded default end to end (shapes-100), with a summary table", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -275,8 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out_required=True)
 
     p = command("bench", "benchmarks: storage | iteration | quality | robustness | metrics", cmd_bench)
-    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"],
-                   help="which benchmark")
+    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"], help="which benchmark")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -340,8 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is cmd_experts and not ((args.preset or args.config or args.global_config) and args.out):
         parser.error("experts: --preset (or --config) and --out are required")
-    if args.func is cmd_bench and args.what not in ("metrics", "robustness") and not (
-            args.preset or args.config or args.global_config):
+    if (
+        args.func is cmd_bench
+        and args.what not in ("metrics", "robustness")
+        and not (args.preset or args.config or args.global_config)
+    ):
         parser.error(f"bench {args.what}: --preset (or --config) is required")
     _check_log_option(parser, args)
     if (args.global_set or args.global_config) and not hasattr(args, "preset"):

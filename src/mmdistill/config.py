@@ -2,10 +2,12 @@
 
 Load order (later wins): schema defaults -> preset YAML (after its `inherit` chain) -> the method's defining
 switches (`METHODS[distill.method]`) -> the user's config file (`--config`, the presets' schema, applied as the
-same `--set`s would be) -> the user's `--set key=value` overrides. Unknown keys and bad values are rejected with a one-line `UserError` naming the key
+same `--set`s would be) -> the user's `--set key=value` overrides.
+Unknown keys and bad values are rejected with a one-line `UserError` naming the key
 (and the file) and its close matches, before any work starts. This module imports no torch (only `device`
 checks do), so such errors come back in a fraction of a second.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -31,12 +33,12 @@ AUTO = "auto"  # a setting measured from the data and the experts at run time
 @dataclass
 class DataConfig:
     source: str = "shapes"  # shapes | emoji | flickr30k | coco | cc3m | folder | hf
-    root: Optional[str] = None  # annotation / dataset root for file-based sources
-    name: Optional[str] = None  # hf: a `datasets` hub id or a local dataset folder
+    root: str | None = None  # annotation / dataset root for file-based sources
+    name: str | None = None  # hf: a `datasets` hub id or a local dataset folder
     image_column: str = "image"  # hf: the column holding the images
     text_column: str = "text"  # hf: the column holding a caption or a list of captions
-    split_map: Dict[str, str] = field(default_factory=dict)  # hf: {train|validation|test: the dataset's split}
-    image_root: Optional[str] = None  # image files root when it differs from root
+    split_map: dict[str, str] = field(default_factory=dict)  # hf: {train|validation|test: the dataset's split}
+    image_root: str | None = None  # image files root when it differs from root
     image_size: int = 32
     seed: int = 0  # procedural generation and deterministic splits
     max_words: int = 30
@@ -86,9 +88,9 @@ class ExpertsConfig:
 class PhaseConfig:
     pairs: int = 100
     iterations: int = 2000
-    start_epochs: List[int] = field(default_factory=lambda: [0, 2])  # [min, max): start snapshot drawn here
-    shortcut_end: Optional[int] = None  # match the shortcut trajectory 0..t_p (inclusive); None = plain expert
-    sim_rank: Optional[int] = None  # rank of a low-rank S in this phase (the reference's per-phase list); None:
+    start_epochs: list[int] = field(default_factory=lambda: [0, 2])  # [min, max): start snapshot drawn here
+    shortcut_end: int | None = None  # match the shortcut trajectory 0..t_p (inclusive); None = plain expert
+    sim_rank: int | None = None  # rank of a low-rank S in this phase (the reference's per-phase list); None:
     # distill.sim_rank
 
 
@@ -101,13 +103,13 @@ class BlendConfig:
 @dataclass
 class DistillConfig:
     method: str = "ptm-st"  # a name in METHODS; sets the switches below
-    phases: List[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
     use_phases: bool = True  # False: one phase with all pairs over the union of the windows
     use_shortcut: bool = True  # False: match the plain expert trajectory
     use_ema: bool = True  # False: no EMA of the synthetic data
     ema_decay: float = 0.99
     syn_steps: int = 8
-    expert_epochs: Union[int, str] = AUTO  # M: match snapshot s+M; auto: enough expert steps for syn_steps
+    expert_epochs: int | str = AUTO  # M: match snapshot s+M; auto: enough expert steps for syn_steps
     mini_batch_size: int = 20
     loss: str = "wbce"
     similarity: str = "full"  # identity | full | lowrank
@@ -115,10 +117,10 @@ class DistillConfig:
     sim_alpha: float = 1.0
     # Data learning rates and the student's initial lr: a number, or "auto" (distill/calibrate.py measures them on
     # each phase's initial synthetic set and experts; the chosen values and reasons go to meta.json).
-    lr_images: Union[float, str] = AUTO
-    lr_texts: Union[float, str] = AUTO
-    lr_sim: Union[float, str] = AUTO
-    lr_init: Union[float, str] = AUTO  # initial learnable student learning rate (alpha_img = alpha_txt)
+    lr_images: float | str = AUTO
+    lr_texts: float | str = AUTO
+    lr_sim: float | str = AUTO
+    lr_init: float | str = AUTO  # initial learnable student learning rate (alpha_img = alpha_txt)
     # How the learned student lrs move: log-adam (Adam on log(lr): each iteration changes an lr by about
     # lr_lr as a fraction, whatever its gradient's size) or sgd (the reference: SGD with momentum on the lr,
     # whose lr_lr is 0.01). 0.05 lets an lr grow tenfold in about 50 iterations, as the data comes to want it
@@ -153,21 +155,21 @@ class EvaluateConfig:
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0005
-    lr_milestones: List[int] = field(default_factory=lambda: [50])  # x0.1 at these epochs
+    lr_milestones: list[int] = field(default_factory=lambda: [50])  # x0.1 at these epochs
     lr_schedule: str = "per-phase"  # per-phase (restart each phase) | global (reference)
     protocol: str = "val"  # val (pick epoch on validation, report test) | reference (best on test)
-    image_encoder: Optional[str] = None  # cross-architecture evaluation
-    baselines: List[str] = field(default_factory=lambda: ["random", "full"])
+    image_encoder: str | None = None  # cross-architecture evaluation
+    baselines: list[str] = field(default_factory=lambda: ["random", "full"])
     # Real pairs have no learned lr: a coreset trains with each of these (empty: experts.lr_img/lr_txt) and
     # reports the one whose runs reach the best mean validation r_mean.
-    coreset_lrs: List[float] = field(default_factory=lambda: [0.1, 0.03, 0.01])
+    coreset_lrs: list[float] = field(default_factory=lambda: [0.1, 0.03, 0.01])
 
 
 @dataclass
 class Config:
     name: str = ""
     description: str = ""
-    inherit: Optional[str] = None  # preset this one extends
+    inherit: str | None = None  # preset this one extends
     seed: int = 0
     device: str = "auto"
     cache_dir: str = "~/.cache/mmdistill"
@@ -180,25 +182,48 @@ class Config:
     # that method runs (chosen with distill.method, or run beside it by bench quality), before the user's --set.
     # The paper presets keep each method's published numbers here (LoRS's table for lors, MTT-VL's for mtt-vl);
     # `--set methods.lors.distill.lr_images=50` overrides one of them.
-    methods: Dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
 # Each method is a set of switches on the one engine (applied after the preset, before user overrides).
-_PTM_ST = {"use_phases": True, "use_shortcut": True, "use_ema": True, "similarity": "full", "loss": "wbce",
-           "blend.enabled": False}
+_PTM_ST = {
+    "use_phases": True,
+    "use_shortcut": True,
+    "use_ema": True,
+    "similarity": "full",
+    "loss": "wbce",
+    "blend.enabled": False,
+}
 METHODS: dict[str, dict[str, Any]] = {
-    "mtt-vl": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "identity",
-               "loss": "nce", "gradient": "unroll", "blend.enabled": False},
-    "lors": {"use_phases": False, "use_shortcut": False, "use_ema": False, "similarity": "lowrank",
-             "loss": "wbce", "blend.enabled": False},
+    "mtt-vl": {
+        "use_phases": False,
+        "use_shortcut": False,
+        "use_ema": False,
+        "similarity": "identity",
+        "loss": "nce",
+        "gradient": "unroll",
+        "blend.enabled": False,
+    },
+    "lors": {
+        "use_phases": False,
+        "use_shortcut": False,
+        "use_ema": False,
+        "similarity": "lowrank",
+        "loss": "wbce",
+        "blend.enabled": False,
+    },
     "ptm-st": _PTM_ST,
     "ptm-st+blend": {**_PTM_ST, "blend.enabled": True},
 }
 # The paper's Table 4 ablation: PTM-ST with components switched off.
 for _name in ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema"):
     _parts = set(_name.split("+"))
-    METHODS[_name] = {**_PTM_ST, "use_phases": "ptm" in _parts, "use_shortcut": "st" in _parts,
-                      "use_ema": "ema" in _parts}
+    METHODS[_name] = {
+        **_PTM_ST,
+        "use_phases": "ptm" in _parts,
+        "use_shortcut": "st" in _parts,
+        "use_ema": "ema" in _parts,
+    }
 ABLATION = ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema")
 
 CHOICES = {
@@ -299,7 +324,7 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
             declared = _declared_type(node, last)
             if declared is float or (key in AUTO_FLOATS and value != AUTO):
                 value = _number(value, key)
-            elif get_origin(declared) in (list, List) and get_args(declared) == (float,) and isinstance(value, list):
+            elif get_origin(declared) in (list, list) and get_args(declared) == (float,) and isinstance(value, list):
                 value = [_number(v, key) for v in value]
             node[last] = value
     except ValidationError as err:
@@ -340,13 +365,18 @@ def _merge_preset(cfg: DictConfig, raw: dict, prefix: str = "") -> None:
         if key == "methods":  # merged method by method over the inherited preset's
             _set_method_block(cfg, key, v)
             continue
-        if isinstance(v, dict) and isinstance(OmegaConf.select(cfg, key), DictConfig) and not _is_open_mapping(
-                OmegaConf.select(cfg, key)):
+        if (
+            isinstance(v, dict)
+            and isinstance(OmegaConf.select(cfg, key), DictConfig)
+            and not _is_open_mapping(OmegaConf.select(cfg, key))
+        ):
             _merge_preset(cfg, v, f"{key}.")
             continue
         if isinstance(v, list) and key == "distill.phases":
-            v = [OmegaConf.merge(OmegaConf.structured(PhaseConfig), _checked_phase(p, f"{key}.{i}"))
-                 for i, p in enumerate(v)]
+            v = [
+                OmegaConf.merge(OmegaConf.structured(PhaseConfig), _checked_phase(p, f"{key}.{i}"))
+                for i, p in enumerate(v)
+            ]
         _set(cfg, key, v)
 
 
@@ -406,8 +436,9 @@ def _flatten(cfg: DictConfig, raw: dict, prefix: str = "") -> list[tuple[str, An
     return pairs
 
 
-def load_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
-                config_file: str | Path | None = None) -> DictConfig:
+def load_config(
+    preset: str | None, overrides: list[str] | tuple[str, ...] = (), config_file: str | Path | None = None
+) -> DictConfig:
     """Build the validated config for a preset, a user config file merged over it, and `key=value` overrides.
 
     The file may name its base preset with `inherit`; without `--preset` that base is used (none: the schema
@@ -465,9 +496,13 @@ def _rename_deprecated(cfg: DictConfig, warn: bool) -> None:
     for (key, old), new in DEPRECATED_VALUES.items():
         if OmegaConf.select(cfg, key) == old:
             if warn:
-                logger.warning("%s=%s is deprecated and will be removed in the next release: it is now called %s"
-                               " (TESLA's gradient, which drops the path through the student's parameters)",
-                               key, old, new)
+                logger.warning(
+                    "%s=%s is deprecated and will be removed in the next release: it is now called %s"
+                    " (TESLA's gradient, which drops the path through the student's parameters)",
+                    key,
+                    old,
+                    new,
+                )
             OmegaConf.update(cfg, key, new, merge=False)
 
 
@@ -505,8 +540,10 @@ def _set_method_block(cfg: DictConfig, key: str, value: Any) -> None:
             raise UserError(f"bad key {key!r}: expected methods.<method>.<config key>=value")
         name, inner = parts[1], ".".join(parts[2:])
         settings = _method_settings(value) if isinstance(value, dict) else {"": value}
-        blocks[name] = {**_method_settings(blocks.get(name) or {}),
-                        **{f"{inner}.{k}" if k else inner: v for k, v in settings.items()}}
+        blocks[name] = {
+            **_method_settings(blocks.get(name) or {}),
+            **{f"{inner}.{k}" if k else inner: v for k, v in settings.items()},
+        }
     cfg.methods = blocks
 
 
@@ -557,15 +594,47 @@ def _choice_error(key: str, value: Any) -> UserError:
 
 
 # Keys whose value must be >= a bound (None, where a key allows it, means "automatic" and is not checked).
-AT_LEAST_ZERO = ("data.train_images", "data.val_images", "data.test_images", "model.dropout", "experts.lr_img",
-                 "experts.lr_txt", "experts.momentum", "experts.weight_decay", "distill.lr_images", "distill.lr_texts",
-                 "distill.lr_sim", "distill.lr_lr", "distill.momentum", "distill.snapshot_every",
-                 "distill.max_retries", "evaluate.momentum", "evaluate.weight_decay")
-ABOVE_ZERO = ("data.image_size", "data.max_words", "data.captions_per_image", "experts.count", "experts.epochs",
-              "experts.batch_size", "distill.syn_steps", "distill.expert_epochs", "distill.mini_batch_size",
-              "distill.trajectories_per_iter", "distill.checkpoint_every", "distill.sim_rank", "distill.sim_alpha",
-              "distill.lr_init", "distill.blend.alpha", "evaluate.runs", "evaluate.epochs", "evaluate.eval_every",
-              "evaluate.batch_size", "model.temperature")
+AT_LEAST_ZERO = (
+    "data.train_images",
+    "data.val_images",
+    "data.test_images",
+    "model.dropout",
+    "experts.lr_img",
+    "experts.lr_txt",
+    "experts.momentum",
+    "experts.weight_decay",
+    "distill.lr_images",
+    "distill.lr_texts",
+    "distill.lr_sim",
+    "distill.lr_lr",
+    "distill.momentum",
+    "distill.snapshot_every",
+    "distill.max_retries",
+    "evaluate.momentum",
+    "evaluate.weight_decay",
+)
+ABOVE_ZERO = (
+    "data.image_size",
+    "data.max_words",
+    "data.captions_per_image",
+    "experts.count",
+    "experts.epochs",
+    "experts.batch_size",
+    "distill.syn_steps",
+    "distill.expert_epochs",
+    "distill.mini_batch_size",
+    "distill.trajectories_per_iter",
+    "distill.checkpoint_every",
+    "distill.sim_rank",
+    "distill.sim_alpha",
+    "distill.lr_init",
+    "distill.blend.alpha",
+    "evaluate.runs",
+    "evaluate.epochs",
+    "evaluate.eval_every",
+    "evaluate.batch_size",
+    "model.temperature",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -585,8 +654,10 @@ def validate(cfg: DictConfig) -> None:
         for key in keys:
             value = OmegaConf.select(cfg, key)
             if value is not None and value != AUTO and (value <= 0 if strict else value < 0):
-                raise UserError(f"bad value {value!r} for {key!r}: must be {'>' if strict else '>='} 0"
-                                f"{', or auto' if key.split('.')[-1] in (*AUTO_KEYS, 'expert_epochs') else ''}")
+                raise UserError(
+                    f"bad value {value!r} for {key!r}: must be {'>' if strict else '>='} 0"
+                    f"{', or auto' if key.split('.')[-1] in (*AUTO_KEYS, 'expert_epochs') else ''}"
+                )
     if not all(lr > 0 for lr in cfg.evaluate.coreset_lrs):
         raise UserError(f"bad value {list(cfg.evaluate.coreset_lrs)!r} for 'evaluate.coreset_lrs': each must be > 0")
     if not 0.0 <= cfg.distill.ema_decay < 1.0:
@@ -604,18 +675,24 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': expected [min, max) with 0 <= min < max")
         end = phase.shortcut_end if phase.shortcut_end is not None else cfg.experts.epochs
         if not 0 < end <= cfg.experts.epochs:
-            raise UserError(f"bad value {phase.shortcut_end!r} for '{key}.shortcut_end': must be in 1..experts.epochs"
-                            f" ({cfg.experts.epochs})")
+            raise UserError(
+                f"bad value {phase.shortcut_end!r} for '{key}.shortcut_end': must be in 1..experts.epochs"
+                f" ({cfg.experts.epochs})"
+            )
         if lo_hi[1] - 1 + _least_expert_epochs(cfg) > end:
-            raise UserError(f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
-                            f" within snapshot {end}")
+            raise UserError(
+                f"bad value {lo_hi!r} for '{key}.start_epochs': start + distill.expert_epochs must stay"
+                f" within snapshot {end}"
+            )
     for name in cfg.methods:
         if name not in METHODS:
             raise _key_error(cfg, f"methods.{name}", "unknown method in")
     for name in cfg.data.split_map:
         if name not in ("train", "validation", "test"):
-            raise UserError(f"unknown config key 'data.split_map.{name}': map train, validation or test to the"
-                            " dataset's split names")
+            raise UserError(
+                f"unknown config key 'data.split_map.{name}': map train, validation or test to the"
+                " dataset's split names"
+            )
     for key in ("data.val_fraction", "data.test_fraction"):
         if not 0.0 < OmegaConf.select(cfg, key) < 1.0:
             raise UserError(f"bad value {OmegaConf.select(cfg, key)!r} for {key!r}: must be in (0, 1)")
@@ -624,8 +701,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.distill.space == "feature" and cfg.model.image_trainable:
         raise UserError("bad value 'feature' for 'distill.space': feature space needs model.image_trainable=false")
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
-        raise UserError(f"bad value {cfg.distill.mini_batch_size!r} for 'distill.mini_batch_size': larger than a"
-                        " phase's pairs")
+        raise UserError(
+            f"bad value {cfg.distill.mini_batch_size!r} for 'distill.mini_batch_size': larger than a phase's pairs"
+        )
 
 
 def _least_expert_epochs(cfg) -> int:

@@ -5,6 +5,7 @@ pair = one caption and its image). For herding and k-center the caller passes on
 concatenation of the L2-normalised image and text embeddings from a model trained on the full data.
 All functions are pure and deterministic given their torch.Generator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,11 +87,22 @@ def forgetting(correct_history: torch.Tensor, k: int, generator: torch.Generator
     return shuffle[order[:k]].cpu()
 
 
-def select_coreset(method: str, k: int, *, generator: torch.Generator, features: torch.Tensor | None = None,
-                   correct_history: torch.Tensor | None = None, num_items: int | None = None) -> torch.Tensor:
+def select_coreset(
+    method: str,
+    k: int,
+    *,
+    generator: torch.Generator,
+    features: torch.Tensor | None = None,
+    correct_history: torch.Tensor | None = None,
+    num_items: int | None = None,
+) -> torch.Tensor:
     """Run one of CORESETS; each method needs only its own input (num_items, features or correct_history)."""
-    needs = {"random": ("num_items", num_items), "herding": ("features", features),
-             "kcenter": ("features", features), "forgetting": ("correct_history", correct_history)}
+    needs = {
+        "random": ("num_items", num_items),
+        "herding": ("features", features),
+        "kcenter": ("features", features),
+        "forgetting": ("correct_history", correct_history),
+    }
     if method not in needs:
         raise ValueError(f"unknown coreset method {method!r}; valid: {', '.join(CORESETS)}")
     name, value = needs[method]

@@ -2,11 +2,12 @@
 
 Without torchrun (WORLD_SIZE unset or 1) every helper is a no-op, so the same code runs single-process.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,4 +85,4 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
 
 def shard(indices: Sequence[int]) -> list[int]:
     """This rank's share of `indices`, round-robin (rank r gets items r, r + world, ...)."""
-    return list(indices)[rank()::world_size()]
+    return list(indices)[rank() :: world_size()]

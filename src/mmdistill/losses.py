@@ -2,6 +2,7 @@
 
 With S = I, `nce` is the CLIP loss. Every loss is differentiable in both Z and S, since S is learned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def _elementwise_wbce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     gradient: at temperature 0.07 that is |cos| > ~0.97, the very pairs the method most needs to move. Here the
     loss stays smooth; 1 - p is computed as sigmoid(-Z), which is the same number without the cancellation.
     """
-    return -(target * (torch.sigmoid(logits) + WBCE_EPS).log()
-             + (1 - target) * (torch.sigmoid(-logits) + WBCE_EPS).log())
+    return -(
+        target * (torch.sigmoid(logits) + WBCE_EPS).log() + (1 - target) * (torch.sigmoid(-logits) + WBCE_EPS).log()
+    )
 
 
 def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ pass over the matrix, block by block, compares each entry with its column's thre
 its row's threshold (image -> text) and adds up the counts; a block holding a query's ground truth uses the
 strict threshold and counts the equal entries before it separately. Memory beyond the matrix is one block.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,15 +30,17 @@ def _check_inputs(sim: torch.Tensor, img2txt, txt2img) -> tuple[torch.Tensor, to
         raise ValueError(f"sim must be a non-empty images x texts matrix, got shape {tuple(sim.shape)}")
     n_images, n_texts = sim.shape
     if len(img2txt) != n_images or len(txt2img) != n_texts:
-        raise ValueError(f"sim is {n_images} x {n_texts} but there are {len(img2txt)} images "
-                         f"and {len(txt2img)} captions")
+        raise ValueError(
+            f"sim is {n_images} x {n_texts} but there are {len(img2txt)} images and {len(txt2img)} captions"
+        )
     if any(len(caps) == 0 for caps in img2txt):
         raise ValueError("every image needs at least one caption")
     device = sim.device
     txt2img = torch.as_tensor(txt2img, dtype=torch.long, device=device)
     pair_txt = torch.tensor([c for caps in img2txt for c in caps], dtype=torch.long, device=device)
-    pair_img = torch.repeat_interleave(torch.arange(n_images, device=device),
-                                       torch.tensor([len(caps) for caps in img2txt], device=device))
+    pair_img = torch.repeat_interleave(
+        torch.arange(n_images, device=device), torch.tensor([len(caps) for caps in img2txt], device=device)
+    )
     if txt2img.min() < 0 or txt2img.max() >= n_images:
         raise ValueError("txt2img has image ids outside [0, number of images)")
     if pair_txt.min() < 0 or pair_txt.max() >= n_texts or (txt2img[pair_txt] != pair_img).any():
@@ -101,8 +104,9 @@ def _ties_before(values: np.ndarray, thr: np.ndarray, before: np.ndarray) -> np.
     return counts
 
 
-def _counting_ranks(scores: np.ndarray, col_target: np.ndarray, row_target: np.ndarray,
-                    block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _counting_ranks(
+    scores: np.ndarray, col_target: np.ndarray, row_target: np.ndarray, block: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Stable-sort ranks of the ground truth of each column (row col_target[t]) among its column, and of each
     row (column row_target[i]) among its row, in one pass over `scores`; raises ValueError on a NaN.
 
@@ -129,7 +133,7 @@ def _counting_ranks(scores: np.ndarray, col_target: np.ndarray, row_target: np.n
             d = min(c + width, n_cols)
             view = scores[a:b, c:d]
             nan |= bool(np.isnan(np.maximum.reduce(view, axis=1)).any())
-            mask = hits[:view.size].reshape(view.shape)
+            mask = hits[: view.size].reshape(view.shape)
             np.greater(view, band_col_thr[c:d], out=mask)
             col_ranks[c:d] += np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.uint8)  # band <= 255 rows
             np.greater(view, np.where(targets >= d, row_below[a:b], row_thr[a:b])[:, None], out=mask)
@@ -137,16 +141,18 @@ def _counting_ranks(scores: np.ndarray, col_target: np.ndarray, row_target: np.n
             local = np.flatnonzero((targets >= c) & (targets < d))  # rows whose ground truth is in this block
             if len(local):
                 row_ranks[a + local] += _ties_before(view[local], row_thr[a + local], targets[local] - c)
-        cols = cols_by_target[band_edges[index]:band_edges[index + 1]]  # columns whose ground truth is in this band
+        cols = cols_by_target[band_edges[index] : band_edges[index + 1]]  # columns whose ground truth is in this band
         if len(cols):
             col_ranks[cols] += _ties_before(scores[a:b, cols].T, col_thr[cols], col_target[cols] - a)
     if nan:
         raise ValueError(NAN_ERROR)
-    for ranks, lines, target, thr in ((col_ranks, scores.T, col_target, col_thr),
-                                      (row_ranks, scores, row_target, row_thr)):
+    for ranks, lines, target, thr in (
+        (col_ranks, scores.T, col_target, col_thr),
+        (row_ranks, scores, row_target, row_thr),
+    ):
         for q in np.flatnonzero(thr == -np.inf):
             line = lines[q]
-            ranks[q] = np.count_nonzero(line > thr[q]) + np.count_nonzero(line[:target[q]] == thr[q])
+            ranks[q] = np.count_nonzero(line > thr[q]) + np.count_nonzero(line[: target[q]] == thr[q])
     return col_ranks, row_ranks
 
 

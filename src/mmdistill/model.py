@@ -4,6 +4,7 @@ Trajectory matching treats each group as one flat vector: experts store flat sna
 flat vectors, and `DualEncoder.logits_at` maps them back to named tensors for `torch.func.functional_call`.
 The module is built once; only the flat vectors change.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,15 @@ class DualEncoder(nn.Module):
     precomputed features; the image projection is the 'img' group.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_dim: int, image_trainable: bool, embed_dim: int = 0,
-                 dropout: float = 0.1, temperature: float = 0.07):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_dim: int,
+        image_trainable: bool,
+        embed_dim: int = 0,
+        dropout: float = 0.1,
+        temperature: float = 0.07,
+    ):
         super().__init__()
         self.image_trainable = image_trainable
         self.logit_scale = 1.0 / temperature
@@ -134,15 +142,17 @@ class DualEncoder(nn.Module):
     def named_params_at(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: t for g, layout in self.layouts.items() for name, t in layout.unflatten(flat[g]).items()}
 
-    def logits_at(self, flat: dict[str, torch.Tensor], images: torch.Tensor, texts: torch.Tensor,
-                  blend=None) -> torch.Tensor:
+    def logits_at(
+        self, flat: dict[str, torch.Tensor], images: torch.Tensor, texts: torch.Tensor, blend=None
+    ) -> torch.Tensor:
         """Logits with the given flat parameters (torch.func.functional_call; differentiable in all inputs).
 
         `blend` = (lam, perm) mixes image and text embeddings inside the batch (RepBlend); the caller draws it
         once per step so that a recompute pass sees the same mix.
         """
-        return functional_call(self, self.named_params_at(flat), (images, texts), {"blend": blend},
-                               strict=False, tie_weights=False)
+        return functional_call(
+            self, self.named_params_at(flat), (images, texts), {"blend": blend}, strict=False, tie_weights=False
+        )
 
 
 def _layout(module: nn.Module, prefix: str) -> ParamLayout:
@@ -150,19 +160,28 @@ def _layout(module: nn.Module, prefix: str) -> ParamLayout:
     return ParamLayout(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params))
 
 
-def build_model(model_cfg, *, text_dim: int, image_size: int, seed: int, device: torch.device | str = "cpu",
-                image_encoder: str | None = None) -> DualEncoder:
+def build_model(
+    model_cfg,
+    *,
+    text_dim: int,
+    image_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    image_encoder: str | None = None,
+) -> DualEncoder:
     """A fresh student; its random init depends only on `seed` (global RNG state is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_image_encoder(
-            image_encoder or model_cfg.image_encoder, image_size=image_size, pretrained=model_cfg.pretrained,
-            **dict(model_cfg.convnet))
-        model = DualEncoder(encoder, text_dim, model_cfg.image_trainable, model_cfg.embed_dim,
-                            model_cfg.dropout, model_cfg.temperature)
+            image_encoder or model_cfg.image_encoder,
+            image_size=image_size,
+            pretrained=model_cfg.pretrained,
+            **dict(model_cfg.convnet),
+        )
+        model = DualEncoder(
+            encoder, text_dim, model_cfg.image_trainable, model_cfg.embed_dim, model_cfg.dropout, model_cfg.temperature
+        )
     model.to(device)
     if not model.image_trainable:
         model.frozen_image_encoder.to(device)
     return model
-
-

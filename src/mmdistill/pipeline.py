@@ -14,6 +14,7 @@ skipped when a finished record has the same fingerprint and its outputs exist; o
 deleted and it runs, under a new version, so everything downstream runs too. With `resume`, an unfinished stage
 with the same fingerprint continues from its files (finished experts, distillation checkpoints) instead.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,9 +22,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -92,8 +93,10 @@ class Ledger:
         reused = same and old.get("done", False) and all(Path(p).exists() for p in needs)
         if precious and old and not same and self.resume and not self.restart:
             differ = changed_keys(old["inputs"], flat_keys(inputs)) if "inputs" in old else "not recorded"
-            raise UserError(f"cannot resume stage {key!r} in {self.path.parent}: it was computed with other settings"
-                            f" ({differ}); undo the change, or start over with --restart")
+            raise UserError(
+                f"cannot resume stage {key!r} in {self.path.parent}: it was computed with other settings"
+                f" ({differ}); undo the change, or start over with --restart"
+            )
         if not reused:
             resume = self.resume and same and not self.restart
             # stale from here on, even if interrupted
@@ -103,8 +106,17 @@ class Ledger:
                     _remove(Path(path))
             result = fn(resume)
             version = digest([fingerprint, time.time_ns()])
-            self._save(key, {"fingerprint": fingerprint, "done": True, "version": version, "inputs": flat_keys(inputs),
-                             "seconds": round(time.perf_counter() - start, 3), "result": result})
+            self._save(
+                key,
+                {
+                    "fingerprint": fingerprint,
+                    "done": True,
+                    "version": version,
+                    "inputs": flat_keys(inputs),
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "result": result,
+                },
+            )
         seconds = time.perf_counter() - start
         group = key.split()[0]
         self.seconds[group] = self.seconds.get(group, 0.0) + seconds
@@ -150,9 +162,14 @@ class Study:
             target = self.distill_dir(name)
             needs = [target / "meta.json"] + [target / f"phase-{p}.safetensors" for p in range(len(plan_phases(cfg)))]
             # the keys that determine the distilled data (distill.checkpoint_every, evaluate.* ... do not)
-            upstream = self.ledger.stage(f"distill {name}", {"config": distill_keys(cfg), "experts": upstream},
-                                         lambda resume: distill(cfg, experts_dir, target, resume=resume),
-                                         owns=[target], needs=needs, precious=True)["version"]
+            upstream = self.ledger.stage(
+                f"distill {name}",
+                {"config": distill_keys(cfg), "experts": upstream},
+                lambda resume: distill(cfg, experts_dir, target, resume=resume),
+                owns=[target],
+                needs=needs,
+                precious=True,
+            )["version"]
 
         def evaluate(resume: bool) -> dict:
             if name == "full":
@@ -163,8 +180,7 @@ class Study:
             _recall_curve(cfg, self.bundle(), target, phases)
             return evaluate_distilled(cfg, self.bundle(), phases)
 
-        return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream],
-                                 evaluate)
+        return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream], evaluate)
 
 
 def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
@@ -201,9 +217,14 @@ def _open(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
     prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
     # the coreset baselines and the methods without phases take the whole budget at once: checked before the experts
     check_pairs(cfg, bundle().splits["train"], whole_budget=True)
-    experts = ledger.stage("experts", {"config": _sections(cfg, "seed", "experts"), "prepared": prepared["version"]},
-                           lambda resume: train_experts(cfg, out / "experts"),
-                           owns=[out / "experts"], needs=[out / "experts" / "summary.json"], precious=True)
+    experts = ledger.stage(
+        "experts",
+        {"config": _sections(cfg, "seed", "experts"), "prepared": prepared["version"]},
+        lambda resume: train_experts(cfg, out / "experts"),
+        owns=[out / "experts"],
+        needs=[out / "experts" / "summary.json"],
+        precious=True,
+    )
     return Study(cfg, out, ledger, bundle, experts["version"])
 
 
@@ -211,11 +232,21 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
     """Report stage `key` (reused when no row changed), then results.json with the timing of every stage."""
 
     cfg, out = study.cfg, study.out
-    results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(p.pairs for p in cfg.distill.phases),
-               "seed": cfg.seed, "methods": {name: row["result"] for name, row in rows.items()},
-               "timing": study.ledger.timing()}
-    study.ledger.stage(key, [cfg.name, [row["version"] for row in rows.values()]], lambda resume: write(results),
-                       owns=outputs, needs=outputs)
+    results = {
+        "preset": cfg.name,
+        "dataset": cfg.data.source,
+        "pairs": sum(p.pairs for p in cfg.distill.phases),
+        "seed": cfg.seed,
+        "methods": {name: row["result"] for name, row in rows.items()},
+        "timing": study.ledger.timing(),
+    }
+    study.ledger.stage(
+        key,
+        [cfg.name, [row["version"] for row in rows.values()]],
+        lambda resume: write(results),
+        owns=outputs,
+        needs=outputs,
+    )
     results["timing"] = study.ledger.timing()
     write_json(results, out / "results.json")
     log_table(results["methods"])
@@ -227,10 +258,12 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
 def _locked(command: Callable) -> Callable:
     """Hold the lock of the output folder (the command's second argument) while the command runs, so that a
     second command on the same folder stops at once instead of deleting the stages this one is running."""
+
     @functools.wraps(command)
     def locked(cfg, out, *args, **kwargs):
         with folder_lock(out):
             return command(cfg, out, *args, **kwargs)
+
     return locked
 
 
@@ -253,8 +286,10 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
     methods = results["methods"]
     distilled, random, full = (methods[m]["r_mean"] for m in (cfg.distill.method, "random", "full"))
     if random > 0 and full > 0:
-        print(f"{cfg.distill.method} r_mean = {distilled / random:.1f}x the random coreset's and"
-              f" {distilled / full:.2f}x the full data's")
+        print(
+            f"{cfg.distill.method} r_mean = {distilled / random:.1f}x the random coreset's and"
+            f" {distilled / full:.2f}x the full data's"
+        )
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {Path(out) / 'report.html'} in a browser")
     return results
 
@@ -266,8 +301,13 @@ def compare(cfg, out: Path, page: str, names, title: str) -> dict:
     study = _open(cfg, out)
     rows = {name: study.row(name) for name in names}
     markdown, chart = out / f"{page}.md", out / f"{page}.png"
-    return _finish(study, rows, f"report {page}", [markdown, chart],
-                   lambda results: write_table_report(markdown, title, results, chart))
+    return _finish(
+        study,
+        rows,
+        f"report {page}",
+        [markdown, chart],
+        lambda results: write_table_report(markdown, title, results, chart),
+    )
 
 
 def ablate(cfg, out: Path) -> dict:

@@ -4,6 +4,7 @@
 student per split (frozen image features in frozen-image mode; resized pixels in [0, 1] for in-memory sources).
 Everything heavy is cached on disk by `features.py`, so a second call is cheap.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ class Prepared:
         transform = build_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
         return torch.stack([transform(load_image(self.splits[split], i)) for i in ids.tolist()])
 
-    def pairs(self, split: str, captions: torch.Tensor, space: str,
-              image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(
+        self, split: str, captions: torch.Tensor, space: str, image_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, texts) of some caption entries of a split, each caption with its image: frozen image features
         (space "feature") or normalised pixels, and caption features."""
         image_ids = torch.tensor(self.splits[split].txt2img)[captions]
@@ -79,12 +81,15 @@ def check_pairs(cfg, train: Split, whole_budget: bool = False) -> None:
     captions = len(train.captions)
     for i, phase in enumerate(cfg.distill.phases):
         if phase.pairs > captions:
-            raise UserError(f"bad value {phase.pairs!r} for 'distill.phases.{i}.pairs': the training split has only"
-                            f" {captions} captions")
+            raise UserError(
+                f"bad value {phase.pairs!r} for 'distill.phases.{i}.pairs': the training split has only"
+                f" {captions} captions"
+            )
     total = sum(phase.pairs for phase in cfg.distill.phases)
     if (whole_budget or not cfg.distill.use_phases) and total > captions:
-        raise UserError(f"bad value for 'distill.phases': {total} pairs in all, but the training split has only"
-                        f" {captions} captions")
+        raise UserError(
+            f"bad value for 'distill.phases': {total} pairs in all, but the training split has only {captions} captions"
+        )
 
 
 def verify_images(splits: dict[str, Split], cache: Path) -> None:
@@ -124,16 +129,28 @@ def prepare(cfg, verbose: bool = False) -> Prepared:
     splits = build_splits(cfg.data)
     check_pairs(cfg, splits["train"])
     verify_images(splits, cache_dir(cfg))
-    encoder = build_image_encoder(cfg.model.image_encoder, image_size=cfg.data.image_size, pretrained=False,
-                                  **dict(cfg.model.convnet))
-    bundle = Prepared(splits=splits, texts={}, mean=tuple(encoder.mean), std=tuple(encoder.std),
-                      flip_safe=SOURCE_FLIP_SAFE.get(cfg.data.source, True))
+    encoder = build_image_encoder(
+        cfg.model.image_encoder, image_size=cfg.data.image_size, pretrained=False, **dict(cfg.model.convnet)
+    )
+    bundle = Prepared(
+        splits=splits,
+        texts={},
+        mean=tuple(encoder.mean),
+        std=tuple(encoder.std),
+        flip_safe=SOURCE_FLIP_SAFE.get(cfg.data.source, True),
+    )
     for name in SPLITS:
         split = splits[name]
         bundle.texts[name] = text_features(split, cfg.model.text_encoder, cache_dir(cfg), device)
         if not cfg.model.image_trainable:
-            bundle.features[name] = image_features(split, cfg.model.image_encoder, cfg.data.image_size,
-                                                   cache_dir(cfg), device, pretrained=cfg.model.pretrained)
+            bundle.features[name] = image_features(
+                split,
+                cfg.model.image_encoder,
+                cfg.data.image_size,
+                cache_dir(cfg),
+                device,
+                pretrained=cfg.model.pretrained,
+            )
         if isinstance(split.images, torch.Tensor):
             bundle.pixels[name] = pixel_tensor(split, cfg.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     bundle.seconds = time.perf_counter() - start
@@ -151,8 +168,10 @@ def _report_splits(cfg, bundle: Prepared) -> None:
     if key in _reported:
         return
     _reported.add(key)
-    parts = [f"{name} {len(s)} images / {len(s.captions)} captions" + (f" ({s.origin})" if s.origin else "")
-             for name, s in ((name, bundle.splits[name]) for name in SPLITS)]
+    parts = [
+        f"{name} {len(s)} images / {len(s.captions)} captions" + (f" ({s.origin})" if s.origin else "")
+        for name, s in ((name, bundle.splits[name]) for name in SPLITS)
+    ]
     logger.info("prepared %s in %.1f s: %s", cfg.data.source, bundle.seconds, "; ".join(parts))
 
 
@@ -164,5 +183,7 @@ def print_summary(bundle: Prepared) -> None:
         image = bundle.features.get(name, bundle.pixels.get(name))
         image_shape = "loaded from files" if image is None else "x".join(map(str, image.shape))
         text_shape = "x".join(map(str, bundle.texts[name].shape))
-        print(f"{name:<11} {len(split):>7} {len(split.captions):>9}  {text_shape:<14} {image_shape:<17} "
-              f"{split.origin or '-'}")
+        print(
+            f"{name:<11} {len(split):>7} {len(split.captions):>9}  {text_shape:<14} {image_shape:<17} "
+            f"{split.origin or '-'}"
+        )

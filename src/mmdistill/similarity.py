@@ -6,23 +6,31 @@ A mini-batch B uses the block S[B, B].
 - full: one N x N parameter initialised to I.
 - lowrank: S = diag(a) + (alpha / r) L R^T with a = 1, L ~ N(0, 1), R = 0 (so S = I at init).
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def init_similarity(kind: str, n: int, rank: int = 10, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def init_similarity(
+    kind: str, n: int, rank: int = 10, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     if kind == "identity":
         return {}
     if kind == "full":
         return {"sim_full": torch.eye(n)}
     if kind == "lowrank":
-        return {"sim_diag": torch.ones(n), "sim_left": torch.randn(n, rank, generator=generator),
-                "sim_right": torch.zeros(n, rank)}
+        return {
+            "sim_diag": torch.ones(n),
+            "sim_left": torch.randn(n, rank, generator=generator),
+            "sim_right": torch.zeros(n, rank),
+        }
     raise ValueError(f"unknown similarity kind {kind!r}")
 
 
-def similarity_block(kind: str, params: dict[str, torch.Tensor], index: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def similarity_block(
+    kind: str, params: dict[str, torch.Tensor], index: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """S[index, index], differentiable in the parameters."""
     if kind == "identity":
         return torch.eye(len(index))

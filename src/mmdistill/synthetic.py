@@ -11,6 +11,7 @@ Every native and exported file carries `format_version` (major.minor). A reader 
 major and refuses a newer major: fields may be added within a major, never renamed or reinterpreted. Files
 written before the format was versioned have the 1.0 layout and are read as 1.0.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,18 +52,22 @@ def check_version(version, where) -> None:
     except ValueError:
         raise UserError(f"{where}: format_version {version!r} is not of the form MAJOR.MINOR") from None
     if major > int(FORMAT_VERSION.split(".")[0]):
-        raise UserError(f"{where} is distilled-set format {version}, newer than the {FORMAT_VERSION} this mmdistill"
-                        " reads; upgrade mmdistill")
+        raise UserError(
+            f"{where} is distilled-set format {version}, newer than the {FORMAT_VERSION} this mmdistill"
+            " reads; upgrade mmdistill"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- native
+
 
 def write_phase(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """One phase file: the tensors plus the metadata as one JSON entry (safetensors keeps metadata in a hash map
     whose order changes from process to process, so one sorted entry keeps the file bytes reproducible)."""
     record = {**metadata, "format_version": FORMAT_VERSION}
-    save_tensors({k: v.detach().cpu() for k, v in tensors.items()}, path,
-                 {"mmdistill": json.dumps(record, sort_keys=True)})
+    save_tensors(
+        {k: v.detach().cpu() for k, v in tensors.items()}, path, {"mmdistill": json.dumps(record, sort_keys=True)}
+    )
 
 
 def phase_metadata(path: Path) -> dict:
@@ -101,11 +106,17 @@ def check_phase(where, phase: dict) -> None:
     pairs = phase.get("pairs", len(phase["texts"]))
     images, texts = phase["images"], phase["texts"]
     rank = phase["sim_left"].shape[-1] if "sim_left" in phase else 0
-    expected = {"texts": (pairs, texts.shape[-1]), "lr_img": (1,), "lr_txt": (1,),
-                **{live: (1,) for live in LIVE_LRS.values() if live in phase},
-                **{"identity": {}, "full": {"sim_full": (pairs, pairs)},
-                   "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)}}
-                [phase.get("similarity", "identity")]}
+    expected = {
+        "texts": (pairs, texts.shape[-1]),
+        "lr_img": (1,),
+        "lr_txt": (1,),
+        **{live: (1,) for live in LIVE_LRS.values() if live in phase},
+        **{
+            "identity": {},
+            "full": {"sim_full": (pairs, pairs)},
+            "lowrank": {"sim_diag": (pairs,), "sim_left": (pairs, rank), "sim_right": (pairs, rank)},
+        }[phase.get("similarity", "identity")],
+    }
     if images.dim() == 4:
         size = phase.get("image_size", images.shape[-1])
         expected["images"] = (pairs, 3, size, size)
@@ -144,8 +155,7 @@ def read_meta(out: Path) -> dict:
         meta = json.loads(path.read_text())
         meta["planned_phases"], meta["phases"], meta["fingerprint"]  # noqa: B018 - the keys a finished run has
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path} is not the record of a finished distillation of this version; distil"
-                        " again") from None
+        raise UserError(f"{path} is not the record of a finished distillation of this version; distil again") from None
     check_version(meta.get("format_version"), path)
     return meta
 
@@ -160,8 +170,10 @@ def load_synthetic(out_dir: Path) -> list[dict]:
     meta_path = out / "meta.json"
     planned, done, expected = meta["planned_phases"], meta["phases"], meta["fingerprint"]
     if len(done) != planned:
-        raise UserError(f"the distillation in {out} is unfinished ({len(done)} of {planned} phases); finish it"
-                        " with distill --resume")
+        raise UserError(
+            f"the distillation in {out} is unfinished ({len(done)} of {planned} phases); finish it"
+            " with distill --resume"
+        )
     for path in sorted(out.glob("phase-*.safetensors")):
         match = PHASE_FILE.fullmatch(path.name)
         if match and int(match.group(1)) >= planned:
@@ -173,16 +185,17 @@ def load_synthetic(out_dir: Path) -> list[dict]:
             raise UserError(f"synthetic phase {path} not found ({meta_path} lists {planned} phases)")
         phase = load_phase(path)
         if phase.get("fingerprint") != expected:
-            raise UserError(f"synthetic phase {path} was distilled with another config than {meta_path}; distil"
-                            " again")
+            raise UserError(f"synthetic phase {path} was distilled with another config than {meta_path}; distil again")
         if phase.get("pairs") != done[p]["pairs"]:
-            raise UserError(f"synthetic phase {path} holds {phase.get('pairs')} pairs, but {meta_path} lists"
-                            f" {done[p]['pairs']}")
+            raise UserError(
+                f"synthetic phase {path} holds {phase.get('pairs')} pairs, but {meta_path} lists {done[p]['pairs']}"
+            )
         phases.append(phase)
     return phases
 
 
 # ------------------------------------------------------------------------------------------ the public object
+
 
 class _Rows(torch.utils.data.Dataset):
     """(image, text_embedding, index) rows; `index` is the row's position in this dataset."""
@@ -248,8 +261,10 @@ class DistilledSet:
         """{"image": name, "text": name} of the encoders the set was distilled for (None where unknown)."""
         found = self.meta.get("encoders") or {}
         model = self.meta.get("config", {}).get("model", {})
-        return {"image": found.get("image", model.get("image_encoder")),
-                "text": found.get("text", model.get("text_encoder"))}
+        return {
+            "image": found.get("image", model.get("image_encoder")),
+            "text": found.get("text", model.get("text_encoder")),
+        }
 
     @property
     def method(self) -> str:
@@ -267,8 +282,12 @@ def _config_normalization(meta: dict) -> dict | None:
     if not model:
         return None
 
-    encoder = build_image_encoder(model["image_encoder"], image_size=meta["config"]["data"]["image_size"],
-                                  pretrained=False, **model.get("convnet", {}))
+    encoder = build_image_encoder(
+        model["image_encoder"],
+        image_size=meta["config"]["data"]["image_size"],
+        pretrained=False,
+        **model.get("convnet", {}),
+    )
     return {"mean": list(encoder.mean), "std": list(encoder.std)}
 
 
@@ -282,8 +301,9 @@ def load_distilled(path, format: str = "mmdistill") -> DistilledSet:  # noqa: A0
     if format in REFERENCE_FORMATS:
         return _load_reference(path, format)
     if format != "mmdistill":
-        raise UserError(f"unknown distilled-set format {format!r}; choose from mmdistill,"
-                        f" {', '.join(REFERENCE_FORMATS)}")
+        raise UserError(
+            f"unknown distilled-set format {format!r}; choose from mmdistill, {', '.join(REFERENCE_FORMATS)}"
+        )
     if path.is_dir() and (path / EXPORT_RECORD).is_file():
         return _load_export(path)
     if not path.is_dir():
@@ -308,11 +328,14 @@ def _run_results(folder: Path, method: str | None) -> dict | None:
         return None
     keys = ("r_mean", "r_mean_std", "runs", "protocol")
     # the run's other rows (baselines such as random pairs and full data) give the figure its scale
-    return {**{k: entry[k] for k in keys if k in entry},
-            "table": {name: {k: row[k] for k in keys if k in row} for name, row in methods.items()}}
+    return {
+        **{k: entry[k] for k in keys if k in entry},
+        "table": {name: {k: row[k] for k in keys if k in row} for name, row in methods.items()},
+    }
 
 
 # ------------------------------------------------------------------------------------- other code bases' sets
+
 
 def _load_reference(path: Path, fmt: str) -> DistilledSet:
     """PTM-ST / LoRS saves: a dict of plain tensors (image, text, similarity_params, similarity_mat, syn_lr_img,
@@ -341,27 +364,40 @@ def _reference_phase(file: Path, fmt: str) -> dict:
     saved = load_torch(file, f"{fmt} distilled set")
     if not isinstance(saved, dict):
         raise UserError(f"{file} holds a {type(saved).__name__}, not the dict of tensors {fmt} saves")
-    images, texts = (next((saved[k] for k in keys if k in saved), None)
-                     for keys in (("image", "image_syn"), ("text", "text_syn")))
+    images, texts = (
+        next((saved[k] for k in keys if k in saved), None) for keys in (("image", "image_syn"), ("text", "text_syn"))
+    )
     lrs = [saved.get(k) for k in ("syn_lr_img", "syn_lr_txt")]
-    missing = [name for name, v in zip(("image", "text", "syn_lr_img", "syn_lr_txt"), (images, texts, *lrs))
-               if not (torch.is_tensor(v) or isinstance(v, (int, float)))]
+    missing = [
+        name
+        for name, v in zip(("image", "text", "syn_lr_img", "syn_lr_txt"), (images, texts, *lrs))
+        if not (torch.is_tensor(v) or isinstance(v, (int, float)))
+    ]
     if missing:
-        raise UserError(f"{file} has no tensor {', '.join(repr(m) for m in missing)} (the {fmt} layout: image, text,"
-                        " similarity_mat, syn_lr_img, syn_lr_txt)")
-    phase = {"images": images.detach().float(), "texts": texts.detach().float(),
-             "lr_img": torch.as_tensor(lrs[0], dtype=torch.float32).reshape(1),
-             "lr_txt": torch.as_tensor(lrs[1], dtype=torch.float32).reshape(1),
-             "similarity": "identity", "sim_alpha": 1.0, "pairs": len(texts),
-             "space": "pixel" if images.dim() == 4 else "feature"}
+        raise UserError(
+            f"{file} has no tensor {', '.join(repr(m) for m in missing)} (the {fmt} layout: image, text,"
+            " similarity_mat, syn_lr_img, syn_lr_txt)"
+        )
+    phase = {
+        "images": images.detach().float(),
+        "texts": texts.detach().float(),
+        "lr_img": torch.as_tensor(lrs[0], dtype=torch.float32).reshape(1),
+        "lr_txt": torch.as_tensor(lrs[1], dtype=torch.float32).reshape(1),
+        "similarity": "identity",
+        "sim_alpha": 1.0,
+        "pairs": len(texts),
+        "space": "pixel" if images.dim() == 4 else "feature",
+    }
     matrix = saved.get("similarity_mat")
     if torch.is_tensor(matrix):  # the dense S the reference trains its students with
         phase.update(similarity="full", sim_full=matrix.detach().float())
     elif saved.get("similarity_params"):
         raise UserError(f"{file} holds similarity_params but no similarity_mat: save the dense matrix too")
     if images.dim() not in (2, 4) or len(images) != len(texts):
-        raise UserError(f"{file}: image {tuple(images.shape)} and text {tuple(texts.shape)} do not form pairs"
-                        " ([N,3,H,W] or [N,D] images, [N,D] texts)")
+        raise UserError(
+            f"{file}: image {tuple(images.shape)} and text {tuple(texts.shape)} do not form pairs"
+            " ([N,3,H,W] or [N,D] images, [N,D] texts)"
+        )
     check_phase(file, phase)
     return phase
 
@@ -372,31 +408,42 @@ def phases_for(distilled: DistilledSet, cfg, bundle) -> list[dict]:
     where, model = distilled.source, cfg.model
     text = distilled.encoders["text"]
     if text and text != model.text_encoder:
-        raise UserError(f"{where} holds text embeddings of {text!r}, but preset {cfg.name} uses"
-                        f" {model.text_encoder!r}; evaluate it with a preset of that text encoder")
+        raise UserError(
+            f"{where} holds text embeddings of {text!r}, but preset {cfg.name} uses"
+            f" {model.text_encoder!r}; evaluate it with a preset of that text encoder"
+        )
     phases = []
     for p, phase in enumerate(distilled.phases):
         images, n = phase["images"], len(phase["texts"])
         if phase["texts"].shape[1] != bundle.text_dim:
-            raise UserError(f"{where} phase {p}: text embeddings of shape {tuple(phase['texts'].shape)}, expected"
-                            f" ({n}, {bundle.text_dim}) for text encoder {model.text_encoder!r} of preset {cfg.name}")
+            raise UserError(
+                f"{where} phase {p}: text embeddings of shape {tuple(phase['texts'].shape)}, expected"
+                f" ({n}, {bundle.text_dim}) for text encoder {model.text_encoder!r} of preset {cfg.name}"
+            )
         if images.dim() == 2:
             image = distilled.encoders["image"]
             if image and image != model.image_encoder:
-                raise UserError(f"{where} holds image features of {image!r}, but preset {cfg.name} uses"
-                                f" {model.image_encoder!r}")
+                raise UserError(
+                    f"{where} holds image features of {image!r}, but preset {cfg.name} uses {model.image_encoder!r}"
+                )
             expected = (n, bundle.features["train"].shape[1]) if "train" in bundle.features else None
             if expected and tuple(images.shape) != expected:
-                raise UserError(f"{where} phase {p}: image features of shape {tuple(images.shape)}, expected"
-                                f" {expected} for image encoder {model.image_encoder!r} of preset {cfg.name}")
+                raise UserError(
+                    f"{where} phase {p}: image features of shape {tuple(images.shape)}, expected"
+                    f" {expected} for image encoder {model.image_encoder!r} of preset {cfg.name}"
+                )
         else:
             size = cfg.data.image_size
             if tuple(images.shape[1:]) != (3, size, size):
-                raise UserError(f"{where} phase {p}: images of shape {tuple(images.shape)}, expected"
-                                f" ({n}, 3, {size}, {size}) for preset {cfg.name} (data.image_size={size})")
+                raise UserError(
+                    f"{where} phase {p}: images of shape {tuple(images.shape)}, expected"
+                    f" ({n}, 3, {size}, {size}) for preset {cfg.name} (data.image_size={size})"
+                )
             norm = distilled.normalization
             if norm and (tuple(map(float, norm["mean"])), tuple(map(float, norm["std"]))) != (
-                    tuple(map(float, bundle.mean)), tuple(map(float, bundle.std))):
+                tuple(map(float, bundle.mean)),
+                tuple(map(float, bundle.std)),
+            ):
                 mean, std = (torch.tensor(norm[k]).view(3, 1, 1) for k in ("mean", "std"))
                 target_mean, target_std = (torch.tensor(v).view(3, 1, 1) for v in (bundle.mean, bundle.std))
                 images = (images * std + mean - target_mean) / target_std
@@ -459,12 +506,23 @@ def _export_rows(distilled: DistilledSet) -> list[dict]:
         else:
             pictures = real[p]
         for i, record in enumerate(captions):
-            rows.append({"file_name": f"images/phase-{p}/{i:05d}.png", "phase": p, "index": i,
-                         "text": record.get("caption", ""), "caption_id": record.get("caption_id"),
-                         "caption_similarity": record.get("similarity"),
-                         "image_kind": "synthetic" if real is None else "nearest real training image",
-                         **({"image_id": record["image_id"], "image_similarity": record["image_similarity"]}
-                            if real is not None else {}), "picture": pictures[i]})
+            rows.append(
+                {
+                    "file_name": f"images/phase-{p}/{i:05d}.png",
+                    "phase": p,
+                    "index": i,
+                    "text": record.get("caption", ""),
+                    "caption_id": record.get("caption_id"),
+                    "caption_similarity": record.get("similarity"),
+                    "image_kind": "synthetic" if real is None else "nearest real training image",
+                    **(
+                        {"image_id": record["image_id"], "image_similarity": record["image_similarity"]}
+                        if real is not None
+                        else {}
+                    ),
+                    "picture": pictures[i],
+                }
+            )
     return rows
 
 
@@ -474,23 +532,28 @@ def _nearest_real_images(distilled: DistilledSet) -> list[torch.Tensor]:
     ids = []
     for p, captions in enumerate(distilled.captions):
         if not captions or "image_id" not in captions[0]:
-            raise UserError(f"{distilled.source} phase {p} records no nearest real image of its features (it was"
-                            " distilled before they were recorded); distil it again to export it")
+            raise UserError(
+                f"{distilled.source} phase {p} records no nearest real image of its features (it was"
+                " distilled before they were recorded); distil it again to export it"
+            )
         ids.append([record["image_id"] for record in captions])
     cfg = from_dict(distilled.meta["config"])
     train = build_splits(cfg.data)["train"]
     size = cfg.data.image_size
     to_unit = build_transform(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
-    return [torch.stack([(to_unit(load_image(train, i)) * 255).round().clamp(0, 255).to(torch.uint8) for i in phase])
-            for phase in ids]
+    return [
+        torch.stack([(to_unit(load_image(train, i)) * 255).round().clamp(0, 255).to(torch.uint8) for i in phase])
+        for phase in ids
+    ]
 
 
 def _write_sidecars(distilled: DistilledSet, out: Path, layout: str) -> None:
     """The exact tensors (what `load_distilled` reads back), lrs.json and the format record."""
     space = distilled.space
     save_tensors({f"phase-{p}": ph["images"] for p, ph in enumerate(distilled.phases)}, out / EXPORT_TENSORS[space])
-    save_tensors({f"phase-{p}": ph["texts"] for p, ph in enumerate(distilled.phases)},
-                 out / "text_embeddings.safetensors")
+    save_tensors(
+        {f"phase-{p}": ph["texts"] for p, ph in enumerate(distilled.phases)}, out / "text_embeddings.safetensors"
+    )
     similarity = {}
     for p, phase in enumerate(distilled.phases):
         similarity[f"phase-{p}"] = distilled.similarity(p)
@@ -499,10 +562,21 @@ def _write_sidecars(distilled: DistilledSet, out: Path, layout: str) -> None:
     save_tensors(similarity, out / "similarity.safetensors")
     write_json([{"phase": p, **lrs} for p, lrs in enumerate(distilled.lrs)], out / "lrs.json")
     metadata = [{k: v for k, v in phase.items() if not torch.is_tensor(v)} for phase in distilled.phases]
-    write_json({"format_version": FORMAT_VERSION, "layout": layout, "space": space, "method": distilled.method,
-                "encoders": distilled.encoders, "normalization": distilled.normalization, "phases": metadata,
-                "captions": distilled.captions, "results": distilled.results, "meta": distilled.meta},
-               out / EXPORT_RECORD)
+    write_json(
+        {
+            "format_version": FORMAT_VERSION,
+            "layout": layout,
+            "space": space,
+            "method": distilled.method,
+            "encoders": distilled.encoders,
+            "normalization": distilled.normalization,
+            "phases": metadata,
+            "captions": distilled.captions,
+            "results": distilled.results,
+            "meta": distilled.meta,
+        },
+        out / EXPORT_RECORD,
+    )
 
 
 def _write_imagefolder(rows: list[dict], out: Path) -> None:
@@ -513,8 +587,10 @@ def _write_imagefolder(rows: list[dict], out: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             Image.fromarray(row["picture"].permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    write_text("".join(json.dumps({k: v for k, v in row.items() if k != "picture"}) + "\n" for row in rows),
-               out / "metadata.jsonl")
+    write_text(
+        "".join(json.dumps({k: v for k, v in row.items() if k != "picture"}) + "\n" for row in rows),
+        out / "metadata.jsonl",
+    )
 
 
 def _hf_dataset(distilled: DistilledSet, rows: list[dict]):
@@ -525,8 +601,20 @@ def _hf_dataset(distilled: DistilledSet, rows: list[dict]):
     from PIL import Image
 
     datasets = _datasets()
-    columns: dict[str, list] = {k: [] for k in ("phase", "index", "image", "text", "caption_id", "text_embedding",
-                                                "similarity_row", "lr_img", "lr_txt")}
+    columns: dict[str, list] = {
+        k: []
+        for k in (
+            "phase",
+            "index",
+            "image",
+            "text",
+            "caption_id",
+            "text_embedding",
+            "similarity_row",
+            "lr_img",
+            "lr_txt",
+        )
+    }
     data_column = "pixels" if distilled.space == "pixel" else "image_features"
     columns[data_column] = []
     for row in rows:
@@ -545,14 +633,22 @@ def _hf_dataset(distilled: DistilledSet, rows: list[dict]):
         columns["lr_txt"].append(float(phase["lr_txt"]))
         columns[data_column].append(phase["images"][i].numpy())
     shape = tuple(distilled.phases[0]["images"].shape[1:])
-    features = datasets.Features({
-        "phase": datasets.Value("int32"), "index": datasets.Value("int32"), "image": datasets.Image(),
-        "text": datasets.Value("string"), "caption_id": datasets.Value("int64"),
-        "text_embedding": datasets.Sequence(datasets.Value("float32")),
-        "similarity_row": datasets.Sequence(datasets.Value("float32")),
-        "lr_img": datasets.Value("float32"), "lr_txt": datasets.Value("float32"),
-        data_column: datasets.Array3D(shape, "float32") if len(shape) == 3 else datasets.Sequence(
-            datasets.Value("float32"))})
+    features = datasets.Features(
+        {
+            "phase": datasets.Value("int32"),
+            "index": datasets.Value("int32"),
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "caption_id": datasets.Value("int64"),
+            "text_embedding": datasets.Sequence(datasets.Value("float32")),
+            "similarity_row": datasets.Sequence(datasets.Value("float32")),
+            "lr_img": datasets.Value("float32"),
+            "lr_txt": datasets.Value("float32"),
+            data_column: datasets.Array3D(shape, "float32")
+            if len(shape) == 3
+            else datasets.Sequence(datasets.Value("float32")),
+        }
+    )
     return datasets.Dataset.from_dict(columns, features=features)
 
 
@@ -567,8 +663,12 @@ def _push(distilled: DistilledSet, rows: list[dict], out: Path, repo_id: str, to
         else:
             dataset = _hf_dataset(distilled, rows)
         dataset.push_to_hub(repo_id)
-        HfApi().upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(out),
-                              allow_patterns=["README.md", "*.safetensors", "*.json"])
+        HfApi().upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=str(out),
+            allow_patterns=["README.md", "*.safetensors", "*.json"],
+        )
     except Exception as err:  # the hub client raises many kinds (offline, HTTP, auth); all mean "not uploaded"
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--push {repo_id} failed ({cause}); the export in {out} is complete") from None
@@ -597,21 +697,26 @@ def _load_export(path: Path) -> DistilledSet:
     phases = []
     for p, metadata in enumerate(record["phases"]):
         key = f"phase-{p}"
-        phase = {**metadata, "images": tensors[EXPORT_TENSORS[record["space"]]].get(key),
-                 "texts": tensors["text_embeddings.safetensors"].get(key),
-                 "lr_img": torch.tensor([lrs[p]["lr_img"]], dtype=torch.float32),
-                 "lr_txt": torch.tensor([lrs[p]["lr_txt"]], dtype=torch.float32),
-                 **{k: torch.tensor([lrs[p][k]], dtype=torch.float32) for k in LIVE_LRS.values() if k in lrs[p]}}
+        phase = {
+            **metadata,
+            "images": tensors[EXPORT_TENSORS[record["space"]]].get(key),
+            "texts": tensors["text_embeddings.safetensors"].get(key),
+            "lr_img": torch.tensor([lrs[p]["lr_img"]], dtype=torch.float32),
+            "lr_txt": torch.tensor([lrs[p]["lr_txt"]], dtype=torch.float32),
+            **{k: torch.tensor([lrs[p][k]], dtype=torch.float32) for k in LIVE_LRS.values() if k in lrs[p]},
+        }
         for name in SIM_KINDS[metadata.get("similarity", "identity")]:
             phase[name] = tensors["similarity.safetensors"].get(f"{key}.{name}")
         phase = {k: v for k, v in phase.items() if v is not None}
         check_phase(f"{key} of {path}", phase)
         phases.append(phase)
-    return DistilledSet(phases, record["meta"], str(path), record["layout"], record.get("captions", []),
-                        record.get("results"))
+    return DistilledSet(
+        phases, record["meta"], str(path), record["layout"], record.get("captions", []), record.get("results")
+    )
 
 
 # ------------------------------------------------------------------------------------ dataset card, summary
+
 
 def _size_category(n: int) -> str:
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
@@ -627,66 +732,110 @@ def dataset_card(distilled: DistilledSet, rows: int) -> str:
     meta, cfg = distilled.meta, distilled.meta.get("config", {})
     source = cfg.get("data", {}).get("source", "unknown")
     pairs = [len(p["texts"]) for p in distilled.phases]
-    header = {"pretty_name": f"{distilled.method} distilled {source} ({sum(pairs)} pairs)",
-              "task_categories": ["image-to-text", "text-to-image"], "size_categories": [_size_category(rows)],
-              "source_datasets": [source], "tags": ["dataset-distillation", "mmdistill", distilled.method,
-                                                   "image-text-retrieval"]}
+    header = {
+        "pretty_name": f"{distilled.method} distilled {source} ({sum(pairs)} pairs)",
+        "task_categories": ["image-to-text", "text-to-image"],
+        "size_categories": [_size_category(rows)],
+        "source_datasets": [source],
+        "tags": ["dataset-distillation", "mmdistill", distilled.method, "image-text-retrieval"],
+    }
     encoders = distilled.encoders
-    lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
-             f"# {header['pretty_name']}", "",
-             f"A distilled image-text set made by mmdistill {meta.get('version', '')} (method `{distilled.method}`,"
-             f" preset `{meta.get('preset', 'unknown')}`, seed {meta.get('seed')},"
-             f" commit {meta.get('git_commit') or 'unknown'}):"
-             f" {len(pairs)} phase(s) of {' + '.join(map(str, pairs))} synthetic pairs, trained on in that order.", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {header['pretty_name']}",
+        "",
+        f"A distilled image-text set made by mmdistill {meta.get('version', '')} (method `{distilled.method}`,"
+        f" preset `{meta.get('preset', 'unknown')}`, seed {meta.get('seed')},"
+        f" commit {meta.get('git_commit') or 'unknown'}):"
+        f" {len(pairs)} phase(s) of {' + '.join(map(str, pairs))} synthetic pairs, trained on in that order.",
+        "",
+    ]
     if distilled.space == "pixel":
         norm = distilled.normalization
-        lines += [f"Images are synthetic pixels for image encoder `{encoders['image']}`. The PNG files are the exact"
-                  f" tensors de-normalised (x * std + mean, mean {norm['mean']}, std {norm['std']}) and rounded to"
-                  " 8 bits; `images.safetensors` holds the exact normalised tensors (one key per phase)."]
+        lines += [
+            f"Images are synthetic pixels for image encoder `{encoders['image']}`. The PNG files are the exact"
+            f" tensors de-normalised (x * std + mean, mean {norm['mean']}, std {norm['std']}) and rounded to"
+            " 8 bits; `images.safetensors` holds the exact normalised tensors (one key per phase)."
+        ]
     else:
-        lines += [f"The distilled images are **features** of the frozen image encoder `{encoders['image']}`, not"
-                  " pictures: they are in `image_features.safetensors` (one key per phase). Each PNG is the real"
-                  " training image nearest (cosine) to a synthetic feature, shown for orientation only; training"
-                  " on the PNGs is not training on the distilled set."]
-    lines += ["", f"Texts are embeddings of the frozen text encoder `{encoders['text']}`"
-              " (`text_embeddings.safetensors`); the `text` column is the nearest real training caption of each,"
-              " for reading only. `similarity.safetensors` holds each phase's soft similarity matrix S (the"
-              " training target of a batch B is S[B, B]) and its parameters; `lrs.json` the learned student"
-              " learning rates (image side, text side) per phase; `mmdistill.json` the format record and the full"
-              " provenance (resolved config).", "", "## Measured", ""]
+        lines += [
+            f"The distilled images are **features** of the frozen image encoder `{encoders['image']}`, not"
+            " pictures: they are in `image_features.safetensors` (one key per phase). Each PNG is the real"
+            " training image nearest (cosine) to a synthetic feature, shown for orientation only; training"
+            " on the PNGs is not training on the distilled set."
+        ]
+    lines += [
+        "",
+        f"Texts are embeddings of the frozen text encoder `{encoders['text']}`"
+        " (`text_embeddings.safetensors`); the `text` column is the nearest real training caption of each,"
+        " for reading only. `similarity.safetensors` holds each phase's soft similarity matrix S (the"
+        " training target of a batch B is S[B, B]) and its parameters; `lrs.json` the learned student"
+        " learning rates (image side, text side) per phase; `mmdistill.json` the format record and the full"
+        " provenance (resolved config).",
+        "",
+        "## Measured",
+        "",
+    ]
     ev = cfg.get("evaluate", {})
-    protocol = (f"{ev.get('runs')} fresh students trained on the phases in order, {ev.get('epochs')} epochs per phase,"
-                " checkpoint chosen on the validation split, retrieval recall reported on the test split")
+    protocol = (
+        f"{ev.get('runs')} fresh students trained on the phases in order, {ev.get('epochs')} epochs per phase,"
+        " checkpoint chosen on the validation split, retrieval recall reported on the test split"
+    )
     results = distilled.results
     if results:
         table = results.get("table") or {distilled.method: results}
-        lines += [f"Protocol: {protocol} (mmdistill `evaluate`), in the run that made this set; the other rows are"
-                  " its baselines at the same budget.", "", "| method | r_mean | runs | protocol |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name}{' (this set)' if name == distilled.method else ''} | {row['r_mean']:.2f} ±"
-                  f" {row.get('r_mean_std', 0.0):.2f} | {row.get('runs')} | {row.get('protocol', '')} |"
-                  for name, row in table.items()]
+        lines += [
+            f"Protocol: {protocol} (mmdistill `evaluate`), in the run that made this set; the other rows are"
+            " its baselines at the same budget.",
+            "",
+            "| method | r_mean | runs | protocol |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name}{' (this set)' if name == distilled.method else ''} | {row['r_mean']:.2f} ±"
+            f" {row.get('r_mean_std', 0.0):.2f} | {row.get('runs')} | {row.get('protocol', '')} |"
+            for name, row in table.items()
+        ]
     else:
-        lines += ["Not measured in the run this set came from: score it with `mmdistill evaluate --preset PRESET"
-                  " --synthetic THIS_FOLDER --out results.json`."]
-    lines += ["", "## Use", "", "```python", "import mmdistill", "",
-              "distilled = mmdistill.load_distilled(\"THIS_FOLDER\")",
-              "student = mmdistill.train_student(distilled)  # as `mmdistill evaluate` trains it", "```", ""]
+        lines += [
+            "Not measured in the run this set came from: score it with `mmdistill evaluate --preset PRESET"
+            " --synthetic THIS_FOLDER --out results.json`."
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import mmdistill",
+        "",
+        'distilled = mmdistill.load_distilled("THIS_FOLDER")',
+        "student = mmdistill.train_student(distilled)  # as `mmdistill evaluate` trains it",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def describe(distilled: DistilledSet) -> str:
     """`mmdistill inspect`: a one-screen summary of a distilled set."""
     meta = distilled.meta
-    lines = [f"{distilled.source} ({distilled.layout} layout)",
-             f"method {distilled.method}  preset {meta.get('preset', '-')}  seed {meta.get('seed', '-')}"
-             f"  mmdistill {meta.get('version', '-')}  commit {(meta.get('git_commit') or '-')[:12]}",
-             f"encoders: image {distilled.encoders['image'] or '-'}, text {distilled.encoders['text'] or '-'};"
-             f" space {distilled.space}"
-             + (f"; normalisation mean {distilled.normalization['mean']} std {distilled.normalization['std']}"
-                if distilled.normalization else ""),
-             f"{'phase':>5} {'pairs':>6} {'images':>16} {'texts':>10} {'S':>9} {'S diag':>7} {'S off':>7}"
-             f" {'S off max':>9} {'lr_img':>9} {'lr_txt':>9}  notes"]
+    lines = [
+        f"{distilled.source} ({distilled.layout} layout)",
+        f"method {distilled.method}  preset {meta.get('preset', '-')}  seed {meta.get('seed', '-')}"
+        f"  mmdistill {meta.get('version', '-')}  commit {(meta.get('git_commit') or '-')[:12]}",
+        f"encoders: image {distilled.encoders['image'] or '-'}, text {distilled.encoders['text'] or '-'};"
+        f" space {distilled.space}"
+        + (
+            f"; normalisation mean {distilled.normalization['mean']} std {distilled.normalization['std']}"
+            if distilled.normalization
+            else ""
+        ),
+        f"{'phase':>5} {'pairs':>6} {'images':>16} {'texts':>10} {'S':>9} {'S diag':>7} {'S off':>7}"
+        f" {'S off max':>9} {'lr_img':>9} {'lr_txt':>9}  notes",
+    ]
     for p, phase in enumerate(distilled.phases):
         n = len(phase["texts"])
         matrix = distilled.similarity(p)
@@ -696,13 +845,19 @@ def describe(distilled: DistilledSet) -> str:
             notes.append(f"{phase['iterations']} iterations")
         if phase.get("collapse"):
             notes.append(f"COLLAPSED ({phase['collapse'].get('reason')})")
-        lines.append(f"{p:>5} {n:>6} {'x'.join(map(str, phase['images'].shape[1:])):>16}"
-                     f" {'x'.join(map(str, phase['texts'].shape[1:])):>10} {phase.get('similarity', 'identity'):>9}"
-                     f" {matrix.diagonal().mean():>7.3f} {off.mean():>7.3f} {off.max():>9.3f}"
-                     f" {float(phase['lr_img']):>9.4g} {float(phase['lr_txt']):>9.4g}  {', '.join(notes)}")
+        lines.append(
+            f"{p:>5} {n:>6} {'x'.join(map(str, phase['images'].shape[1:])):>16}"
+            f" {'x'.join(map(str, phase['texts'].shape[1:])):>10} {phase.get('similarity', 'identity'):>9}"
+            f" {matrix.diagonal().mean():>7.3f} {off.mean():>7.3f} {off.max():>9.3f}"
+            f" {float(phase['lr_img']):>9.4g} {float(phase['lr_txt']):>9.4g}  {', '.join(notes)}"
+        )
     results = distilled.results
-    lines.append(f"r_mean {results['r_mean']:.2f} ± {results.get('r_mean_std', 0.0):.2f} ({results.get('runs')} runs,"
-                 f" {results.get('protocol')})" if results else "r_mean: not measured with this set")
+    lines.append(
+        f"r_mean {results['r_mean']:.2f} ± {results.get('r_mean_std', 0.0):.2f} ({results.get('runs')} runs,"
+        f" {results.get('protocol')})"
+        if results
+        else "r_mean: not measured with this set"
+    )
     return "\n".join(lines)
 
 

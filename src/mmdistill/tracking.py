@@ -4,13 +4,15 @@ TensorBoard or Weights & Biases, as `--log tensorboard DIR` / `--log wandb [DIR]
 The stages call `log_scalars(group, values, step)`; without a sink (the default) that does nothing. A sink is
 active inside `with tracking(sink):`. The wandb run is offline unless WANDB_API_KEY is set (WANDB_MODE wins).
 """
+
 from __future__ import annotations
 
 import contextlib
 import importlib
 import importlib.util
 import os
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 from mmdistill.errors import UserError
 
@@ -94,8 +96,11 @@ def tracking(sink: Sink | None) -> Iterator[None]:
 def log_table(methods: dict) -> None:
     """An evaluation table (results.json's "methods"): each method's numeric entries under `results/<method>`."""
     for name, entry in methods.items():
-        log_scalars(f"results/{name}", {k: v for k, v in entry.items()
-                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+        log_scalars(
+            f"results/{name}",
+            {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            0,
+        )
 
 
 def log_scalars(group: str, values: dict, step: int) -> None:

@@ -1,4 +1,5 @@
 """Seeding, device choice and small shared helpers."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """`mmdistill bench ...`: benchmarks print ratios measured side by side in one run (not timed tests)."""
+
 from __future__ import annotations
 
 import json

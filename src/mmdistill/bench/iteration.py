@@ -1,4 +1,5 @@
 """`bench iteration`: seconds per distillation iteration against plain training steps, and its memory."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from mmdistill.utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
+
 def _bench_setup(cfg, syn_steps: int):
     """The preset's student (random init) and first phase on random tensors, with a fake 2-snapshot target.
 
@@ -42,20 +44,36 @@ def _bench_setup(cfg, syn_steps: int):
     else:
         images = torch.randn(pairs, model.frozen_image_encoder.out_dim, generator=gen)
     lr = torch.tensor([_nominal(dc.lr_init, 0.01)])
-    syn = {"images": images, "texts": torch.randn(pairs, model.text_projection.projection.in_features, generator=gen),
-           **init_similarity(dc.similarity, pairs, dc.sim_rank, gen), "lr_img": lr, "lr_txt": lr.clone()}
+    syn = {
+        "images": images,
+        "texts": torch.randn(pairs, model.text_projection.projection.in_features, generator=gen),
+        **init_similarity(dc.similarity, pairs, dc.sim_rank, gen),
+        "lr_img": lr,
+        "lr_txt": lr.clone(),
+    }
     data_lrs = {group: _nominal(dc[key], 1.0) for group, key in DATA_KEYS.items()}  # speed does not depend on them
     state = SyntheticSet({k: v.to(device) for k, v in syn.items()}, dc, data_lrs)
     initial = state.snapshot()
     theta_start = model.get_flat()
     theta_target = {g: t + 0.01 * torch.randn(t.shape, generator=gen).to(t) for g, t in theta_start.items()}
-    plan = InnerPlan.draw(pairs, syn_steps, dc.mini_batch_size, gen, dc.blend.alpha if dc.blend.enabled else None,
-                          device)
+    plan = InnerPlan.draw(
+        pairs, syn_steps, dc.mini_batch_size, gen, dc.blend.alpha if dc.blend.enabled else None, device
+    )
 
     def iteration(mode: str) -> None:
-        _, grads = matching_gradient(model, state.syn, theta_start, theta_target, plan, loss_fn=LOSSES[dc.loss],
-                                     sim_kind=dc.similarity, sim_alpha=dc.sim_alpha, mode=mode,
-                                     autocast=dc.autocast, channels_last=dc.channels_last)
+        _, grads = matching_gradient(
+            model,
+            state.syn,
+            theta_start,
+            theta_target,
+            plan,
+            loss_fn=LOSSES[dc.loss],
+            sim_kind=dc.similarity,
+            sim_alpha=dc.sim_alpha,
+            mode=mode,
+            autocast=dc.autocast,
+            channels_last=dc.channels_last,
+        )
         state.gradient_step(grads)
         state.ema_update()
         state.restore(initial)
@@ -69,8 +87,9 @@ def _bench_setup(cfg, syn_steps: int):
             images = state.syn["images"][index].detach().contiguous(memory_format=layout)
             with torch.autocast(device.type, torch.bfloat16, enabled=dc.autocast):
                 logits = model.logits_at(point, images, state.syn["texts"][index].detach()).float()
-            grads = torch.autograd.grad(LOSSES[dc.loss](logits, torch.eye(len(index), device=device)),
-                                        list(point.values()))
+            grads = torch.autograd.grad(
+                LOSSES[dc.loss](logits, torch.eye(len(index), device=device)), list(point.values())
+            )
             theta = {g: point[g].detach() - 0.1 * grad for g, grad in zip(point, grads)}
 
     return iteration, plain, device
@@ -136,22 +155,33 @@ def _time_mode(raw_cfg: dict, mode: str, budget_s: float, max_repeats: int, thre
                 torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - wall_start)
             cpu[name].append(time.process_time() - cpu_start)
-    out = {"seconds": statistics.median(wall[mode]), "seconds_plain": statistics.median(wall["plain"]),
-           "cpu_seconds": statistics.median(cpu[mode]), "cpu_seconds_plain": statistics.median(cpu["plain"]),
-           "repeats": len(wall[mode]), "peak_rss_gib": _proc_status_kib("VmHWM") / 2**20}
+    out = {
+        "seconds": statistics.median(wall[mode]),
+        "seconds_plain": statistics.median(wall["plain"]),
+        "cpu_seconds": statistics.median(cpu[mode]),
+        "cpu_seconds_plain": statistics.median(cpu["plain"]),
+        "repeats": len(wall[mode]),
+        "peak_rss_gib": _proc_status_kib("VmHWM") / 2**20,
+    }
     if device.type == "cuda":
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
-_FRESH = ("import json, sys; from mmdistill.bench import iteration as distill; "
-          "print(json.dumps(getattr(distill, sys.argv[1])(*json.loads(sys.argv[2]))))")
+_FRESH = (
+    "import json, sys; from mmdistill.bench import iteration as distill; "
+    "print(json.dumps(getattr(distill, sys.argv[1])(*json.loads(sys.argv[2]))))"
+)
 
 
 def _in_fresh_process(function: str, *args, env: dict | None = None):
     """distill.<function>(*args) in a new Python process (JSON in, JSON out): its memory is its own."""
-    result = subprocess.run([sys.executable, "-c", _FRESH, function, json.dumps(args)],
-                            env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH, function, json.dumps(args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"bench subprocess {function} failed:\n{result.stderr.strip()[-2000:]}")
     return json.loads(result.stdout.splitlines()[-1])
@@ -175,16 +205,27 @@ def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
     a longer benchmark."""
     dc = cfg.distill
     threads = torch.get_num_threads()
-    result = {"device": str(resolve_device(cfg.device)), "threads": threads, "gradient": dc.gradient,
-              "syn_steps": dc.syn_steps, "mini_batch_size": dc.mini_batch_size, "pairs": dc.phases[0].pairs}
+    result = {
+        "device": str(resolve_device(cfg.device)),
+        "threads": threads,
+        "gradient": dc.gradient,
+        "syn_steps": dc.syn_steps,
+        "mini_batch_size": dc.mini_batch_size,
+        "pairs": dc.phases[0].pairs,
+    }
     for mode in dict.fromkeys((dc.gradient, "tesla")):
         timed = _in_fresh_process("_time_mode", to_dict(cfg), mode, budget_s, max_repeats, threads)
         suffix = "" if mode == dc.gradient else f"_{mode}"
-        result.update({f"seconds_per_iteration{suffix}": timed["seconds"],
-                       f"seconds_plain_steps{suffix}": timed["seconds_plain"],
-                       f"ratio{suffix}": timed["seconds"] / timed["seconds_plain"],
-                       f"ratio_cpu{suffix}": timed["cpu_seconds"] / timed["cpu_seconds_plain"],
-                       f"repeats{suffix}": timed["repeats"], f"peak_rss_gib{suffix}": timed["peak_rss_gib"]})
+        result.update(
+            {
+                f"seconds_per_iteration{suffix}": timed["seconds"],
+                f"seconds_plain_steps{suffix}": timed["seconds_plain"],
+                f"ratio{suffix}": timed["seconds"] / timed["seconds_plain"],
+                f"ratio_cpu{suffix}": timed["cpu_seconds"] / timed["cpu_seconds_plain"],
+                f"repeats{suffix}": timed["repeats"],
+                f"peak_rss_gib{suffix}": timed["peak_rss_gib"],
+            }
+        )
         if "peak_cuda_gib" in timed:
             result[f"peak_cuda_gib{suffix}"] = timed["peak_cuda_gib"]
     for mode in (dc.gradient, "unroll"):

@@ -1,4 +1,5 @@
 """`bench metrics`: our retrieval metrics against a per-row argsort loop (the reference's way), same numbers."""
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,7 @@ def _best_time(fn, repeats: int) -> tuple[float, float]:
 
 def _numpy_argsort_loop(scores: np.ndarray, img2txt, txt2img) -> dict[str, float]:
     """The per-query loop as it is usually written with numpy (a stable argsort per row and per column)."""
-    ir_ranks = [np.flatnonzero(np.argsort(-scores[:, t], kind="stable") == image)[0]
-                for t, image in enumerate(txt2img)]
+    ir_ranks = [np.flatnonzero(np.argsort(-scores[:, t], kind="stable") == image)[0] for t, image in enumerate(txt2img)]
     tr_ranks = []
     for i, captions in enumerate(img2txt):
         order = np.argsort(-scores[i], kind="stable")
@@ -61,8 +61,13 @@ def _even_split(n_images: int, n_texts: int) -> tuple[list[list[int]], list[int]
     return img2txt, txt2img
 
 
-def bench_metrics(n_images: int = 1000, n_texts: int = 5000, large: tuple[int, int] | None = (5000, 25000),
-                  repeats: int = 3, seed: int = 0) -> dict:
+def bench_metrics(
+    n_images: int = 1000,
+    n_texts: int = 5000,
+    large: tuple[int, int] | None = (5000, 25000),
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
     """Time `retrieval_metrics` against per-query argsort loops (ours in torch, the usual numpy one) on a random
     n_images x n_texts matrix, side by side, and check all three agree; then time it alone on a `large` matrix
     (Flickr30k/COCO test size by default). The counting pass costs the same whatever the ranks are (a trained
@@ -77,12 +82,17 @@ def bench_metrics(n_images: int = 1000, n_texts: int = 5000, large: tuple[int, i
     results = {}
     counting = _best_time(lambda: results.update(counting=retrieval_metrics(sim, img2txt, txt2img)), 5 * repeats)
     torch_loop = _best_time(lambda: results.update(torch=retrieval_metrics_reference(sim, img2txt, txt2img)), repeats)
-    numpy_loop = _best_time(lambda: results.update(numpy=_numpy_argsort_loop(sim.numpy(), img2txt, txt2img)),
-                            repeats)
-    out = {"shape": f"{n_images}x{n_texts}", "counting_s": counting[0], "torch_loop_s": torch_loop[0],
-           "numpy_loop_s": numpy_loop[0], "speedup": min(torch_loop[0], numpy_loop[0]) / counting[0],
-           "counting_cpu_s": counting[1], "speedup_cpu": min(torch_loop[1], numpy_loop[1]) / counting[1],
-           "equal": results["counting"] == results["torch"] == results["numpy"]}
+    numpy_loop = _best_time(lambda: results.update(numpy=_numpy_argsort_loop(sim.numpy(), img2txt, txt2img)), repeats)
+    out = {
+        "shape": f"{n_images}x{n_texts}",
+        "counting_s": counting[0],
+        "torch_loop_s": torch_loop[0],
+        "numpy_loop_s": numpy_loop[0],
+        "speedup": min(torch_loop[0], numpy_loop[0]) / counting[0],
+        "counting_cpu_s": counting[1],
+        "speedup_cpu": min(torch_loop[1], numpy_loop[1]) / counting[1],
+        "equal": results["counting"] == results["torch"] == results["numpy"],
+    }
     if large is not None:
         sim = torch.randn(*large, generator=gen)
         img2txt, txt2img = _even_split(*large)

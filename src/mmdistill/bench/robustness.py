@@ -7,6 +7,7 @@ the full data, 3 evaluation seeds. A set whose data is not installed is listed a
 The real captioned source that no preset has seen is Debian's `tuxpaint-stamps-default` (about 800 PNG stamps of
 animals, food, vehicles, ... each with a one-sentence English description), turned into an imagefolder.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,22 +45,39 @@ def robustness_sets(work: Path) -> list[RobustnessSet]:
     """The sets of the benchmark; `work` holds data built on the fly (the tuxpaint imagefolder)."""
     shapes = ("data.val_images=100",)
     return [
-        RobustnessSet("shapes-440-1cap", "shapes-100", ("data.train_images=440", "data.val_images=63",
-                                                        "data.test_images=126", "data.captions_per_image=1"),
-                      "440 training images, one caption each (the collapse of the issue)"),
-        RobustnessSet("shapes-300", "shapes-100", (*shapes, "data.train_images=300", "data.test_images=300"),
-                      "300 training images, 5 captions"),
-        RobustnessSet("shapes-3000-3cap", "shapes-100", (*shapes, "data.train_images=3000",
-                                                         "data.captions_per_image=3", "data.seed=3"),
-                      "3000 training images, 3 captions, another draw of scenes"),
-        RobustnessSet("shapes-32px-2cap", "shapes-100", (*shapes, "data.image_size=32", "data.captions_per_image=2",
-                                                         "data.seed=5"),
-                      "32 px images, 2 captions, another draw of scenes"),
+        RobustnessSet(
+            "shapes-440-1cap",
+            "shapes-100",
+            ("data.train_images=440", "data.val_images=63", "data.test_images=126", "data.captions_per_image=1"),
+            "440 training images, one caption each (the collapse of the issue)",
+        ),
+        RobustnessSet(
+            "shapes-300",
+            "shapes-100",
+            (*shapes, "data.train_images=300", "data.test_images=300"),
+            "300 training images, 5 captions",
+        ),
+        RobustnessSet(
+            "shapes-3000-3cap",
+            "shapes-100",
+            (*shapes, "data.train_images=3000", "data.captions_per_image=3", "data.seed=3"),
+            "3000 training images, 3 captions, another draw of scenes",
+        ),
+        RobustnessSet(
+            "shapes-32px-2cap",
+            "shapes-100",
+            (*shapes, "data.image_size=32", "data.captions_per_image=2", "data.seed=5"),
+            "32 px images, 2 captions, another draw of scenes",
+        ),
         RobustnessSet("emoji-400", "emoji-100", ("data.train_images=400",), "400 training emoji, 5 captions"),
         RobustnessSet("emoji-1cap", "emoji-100", ("data.captions_per_image=1",), "all emoji, one caption each"),
-        RobustnessSet("tuxpaint", "emoji-100", ("data.source=folder", f"data.root={work / 'tuxpaint'}"),
-                      "Tux Paint stamps (Debian tuxpaint-stamps-default), one real caption each, 70/10/20",
-                      (str(TUXPAINT_STAMPS),)),
+        RobustnessSet(
+            "tuxpaint",
+            "emoji-100",
+            ("data.source=folder", f"data.root={work / 'tuxpaint'}"),
+            "Tux Paint stamps (Debian tuxpaint-stamps-default), one real caption each, 70/10/20",
+            (str(TUXPAINT_STAMPS),),
+        ),
     ]
 
 
@@ -111,21 +129,41 @@ def run_robustness(out: Path, budgets=BUDGETS, names: list[str] | None = None) -
     for rset in sets:
         missing = [path for path in rset.needs if not Path(path).exists()]
         if missing:
-            skipped.append({"set": rset.name, "reason": f"{missing[0]} not found (apt-get install"
-                                                        " tuxpaint-stamps-default, or `make bench-robustness`)"})
+            skipped.append(
+                {
+                    "set": rset.name,
+                    "reason": f"{missing[0]} not found (apt-get install"
+                    " tuxpaint-stamps-default, or `make bench-robustness`)",
+                }
+            )
             logger.warning("skipping %s: %s", rset.name, skipped[-1]["reason"])
             continue
         if rset.name == "tuxpaint":
             build_tuxpaint_folder(out / "data" / "tuxpaint")
         for pairs in budgets:
             half = pairs // 2
-            cfg = load_config(rset.preset, [*rset.overrides, f"distill.phases.0.pairs={half}",
-                                            f"distill.phases.1.pairs={pairs - half}", "distill.snapshot_every=0"])
+            cfg = load_config(
+                rset.preset,
+                [
+                    *rset.overrides,
+                    f"distill.phases.0.pairs={half}",
+                    f"distill.phases.1.pairs={pairs - half}",
+                    "distill.snapshot_every=0",
+                ],
+            )
             logger.info("== %s, %d pairs", rset.name, pairs)
-            results = compare(cfg, out / f"{rset.name}-{pairs}", "quality", METHODS,
-                              f"Robustness: {rset.name}, {pairs} pairs")
-            rows.append({"set": rset.name, "pairs": pairs, "what": rset.what, "methods": results["methods"],
-                         "collapsed": bool(results["methods"]["ptm-st"]["collapsed_phases"])})
+            results = compare(
+                cfg, out / f"{rset.name}-{pairs}", "quality", METHODS, f"Robustness: {rset.name}, {pairs} pairs"
+            )
+            rows.append(
+                {
+                    "set": rset.name,
+                    "pairs": pairs,
+                    "what": rset.what,
+                    "methods": results["methods"],
+                    "collapsed": bool(results["methods"]["ptm-st"]["collapsed_phases"]),
+                }
+            )
     summary = summarize(rows)
     results = {"rows": rows, "skipped": skipped, "summary": summary}
     write_json(results, out / "results.json")
@@ -135,31 +173,45 @@ def run_robustness(out: Path, budgets=BUDGETS, names: list[str] | None = None) -
 
 def summarize(rows: list[dict]) -> dict:
     """The acceptance figures: ptm-st above random everywhere, its median ratio to random, collapses."""
-    ratios = [row["methods"]["ptm-st"]["r_mean"] / row["methods"]["random"]["r_mean"] for row in rows
-              if row["methods"]["random"]["r_mean"] > 0]
-    return {"rows": len(rows),
-            "above_random": sum(r["methods"]["ptm-st"]["r_mean"] > r["methods"]["random"]["r_mean"] for r in rows),
-            "median_ratio_to_random": statistics.median(ratios) if ratios else None,
-            "collapsed": sum(r["collapsed"] for r in rows)}
+    ratios = [
+        row["methods"]["ptm-st"]["r_mean"] / row["methods"]["random"]["r_mean"]
+        for row in rows
+        if row["methods"]["random"]["r_mean"] > 0
+    ]
+    return {
+        "rows": len(rows),
+        "above_random": sum(r["methods"]["ptm-st"]["r_mean"] > r["methods"]["random"]["r_mean"] for r in rows),
+        "median_ratio_to_random": statistics.median(ratios) if ratios else None,
+        "collapsed": sum(r["collapsed"] for r in rows),
+    }
 
 
 def write_robustness_report(out: Path, results: dict) -> None:
     """robustness.md: one table (r_mean ± std per method, ratio to random, collapsed) and a grouped bar chart."""
 
-    lines = ["# Robustness: default settings on sets no preset was tuned on", "",
-             "| set | pairs | ptm-st | random coreset | full data | ptm-st / random | collapsed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Robustness: default settings on sets no preset was tuned on",
+        "",
+        "| set | pairs | ptm-st | random coreset | full data | ptm-st / random | collapsed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         m = row["methods"]
         cells = [f"{m[name]['r_mean']:.1f} ± {m[name]['r_mean_std']:.1f}" for name in METHODS]
         ratio = m["ptm-st"]["r_mean"] / m["random"]["r_mean"] if m["random"]["r_mean"] > 0 else float("nan")
-        lines.append(f"| {row['set']} | {row['pairs']} | " + " | ".join(cells) +
-                     f" | {ratio:.2f}x | {'YES' if row['collapsed'] else 'no'} |")
+        lines.append(
+            f"| {row['set']} | {row['pairs']} | "
+            + " | ".join(cells)
+            + f" | {ratio:.2f}x | {'YES' if row['collapsed'] else 'no'} |"
+        )
     summary = results["summary"]
     if summary["rows"]:
-        lines += ["", f"ptm-st above the random coreset in {summary['above_random']} of {summary['rows']} rows;"
-                      f" median ratio to random {summary['median_ratio_to_random']:.2f}x;"
-                      f" collapsed phases in {summary['collapsed']} rows."]
+        lines += [
+            "",
+            f"ptm-st above the random coreset in {summary['above_random']} of {summary['rows']} rows;"
+            f" median ratio to random {summary['median_ratio_to_random']:.2f}x;"
+            f" collapsed phases in {summary['collapsed']} rows.",
+        ]
     for skip in results["skipped"]:
         lines.append(f"\nSkipped {skip['set']}: {skip['reason']}")
     lines += ["", "Sets: " + "; ".join(f"`{s.name}` = {s.preset} + {s.what}" for s in robustness_sets(out / "data"))]

@@ -1,4 +1,5 @@
 """`bench storage`: bytes per expert in our format against the reference's layout."""
+
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from mmdistill.experts.store import trajectory_step_norms, write_expert
 from mmdistill.model import GROUPS
 
 logger = logging.getLogger(__name__)
+
 
 def bench_storage(cfg) -> dict:
     """Bytes of one expert in our format (float32 and float16) against the reference layout for the same expert:

@@ -3,14 +3,15 @@
 In-memory sources (shapes, emoji) hold their pixels as one uint8 tensor; file-based sources (flickr30k, coco, cc3m,
 folder) hold absolute image paths that `load_image` decodes lazily, so building a split only reads annotations.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def seeded_partition(total: int, sizes: dict[str, int], seed: int, key: str, wha
     order = np.random.default_rng(derive_seed(seed, key)).permutation(total)
     parts, start = {}, 0
     for name, size in sizes.items():
-        parts[name] = np.sort(order[start:start + size])
+        parts[name] = np.sort(order[start : start + size])
         start += size
     return parts
 
@@ -190,8 +191,16 @@ def split_from_pairs(name: str, pairs: Iterable[tuple[object, str]], max_words: 
     return Split(name, captions, txt2img, img2txt, list(image_ids))
 
 
-def split_from_entries(name: str, path: str, entries: list, image_root: str, max_words: int,
-                       image_key: str = "image", text_key: str = "caption", lines: list[int] | None = None) -> Split:
+def split_from_entries(
+    name: str,
+    path: str,
+    entries: list,
+    image_root: str,
+    max_words: int,
+    image_key: str = "image",
+    text_key: str = "caption",
+    lines: list[int] | None = None,
+) -> Split:
     """Split from annotation entries of `path`; image names are taken relative to `image_root`.
 
     Errors name the entry index, or the line when `lines` gives each entry's line number (JSON Lines, CSV).
@@ -216,8 +225,11 @@ def subset(split: Split, image_ids, name: str, origin: str) -> Split:
             captions.append(split.captions[caption_id])
             txt2img.append(new_id)
     ids = [int(i) for i in image_ids]
-    images = split.images[torch.tensor(ids, dtype=torch.long)] if isinstance(split.images, torch.Tensor) \
+    images = (
+        split.images[torch.tensor(ids, dtype=torch.long)]
+        if isinstance(split.images, torch.Tensor)
         else [split.images[i] for i in ids]
+    )
     return Split(name, captions, txt2img, img2txt, images, origin)
 
 
@@ -236,14 +248,21 @@ def carve_missing(splits: dict[str, Split], data_cfg, what: str) -> dict[str, Sp
     sizes["train"] = len(train) - sum(sizes.values())
     if sizes["train"] < 1:
         wanted = ", ".join(f"{size} {name}" for name, size in sizes.items() if name != "train")
-        raise UserError(f"{what}: its {len(train)} training images cannot give {wanted} images and keep some for"
-                        " training; lower data.val_images / data.test_images (or the fractions)")
+        raise UserError(
+            f"{what}: its {len(train)} training images cannot give {wanted} images and keep some for"
+            " training; lower data.val_images / data.test_images (or the fractions)"
+        )
     seed = int(cfg_value(data_cfg, "seed", 0))
     parts = seeded_partition(len(train), sizes, seed, "carve", what)
     result = {"train": subset(train, parts["train"], "train", f"{train.origin}, less the carved images".lstrip(", "))}
     for name in SPLIT_NAMES[1:]:
-        result[name] = splits[name] if name in splits else subset(
-            train, parts[name], name, f"carved from train: {sizes[name]} of {len(train)} images, seed {seed}")
+        result[name] = (
+            splits[name]
+            if name in splits
+            else subset(
+                train, parts[name], name, f"carved from train: {sizes[name]} of {len(train)} images, seed {seed}"
+            )
+        )
     return result
 
 

@@ -13,6 +13,7 @@ data.val_images / data.test_images images (default 1000 each, at most a tenth of
 (or data.train_images). Image names are relative to data.image_root when set; otherwise to data.root for
 layout 1, and to data.root/images (where LLaVA's images.zip unpacks) or data.root for layouts 2 and 3.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,11 @@ from mmdistill.data import (
 from mmdistill.errors import UserError
 
 FLIP_SAFE = True
-SPLIT_FILES = {"train": "cc3m_captions_train.json", "validation": "cc3m_captions_val.json",
-               "test": "cc3m_captions_test.json"}
+SPLIT_FILES = {
+    "train": "cc3m_captions_train.json",
+    "validation": "cc3m_captions_val.json",
+    "test": "cc3m_captions_test.json",
+}
 DEFAULT_TEST_CAP = 10_000
 DEFAULT_HELD_OUT = 1000  # validation and test images each, for a single annotation file
 
@@ -72,11 +76,17 @@ def _from_single_file(data_cfg, root: str, path: str, chat: bool, max_words: int
     n_val = requested_size(data_cfg, "validation") or min(DEFAULT_HELD_OUT, total // 10)
     n_test = requested_size(data_cfg, "test") or min(DEFAULT_HELD_OUT, total // 10)
     n_train = requested_size(data_cfg, "train") or total - n_val - n_test
-    parts = seeded_partition(total, {"test": n_test, "validation": n_val, "train": n_train},
-                             int(cfg_value(data_cfg, "seed", 0)), "cc3m", path)
-    return {name: split_from_pairs(name, ((records[i][0], text) for i in parts[name] for text in records[i][1]),
-                                   max_words)
-            for name in SPLIT_NAMES}
+    parts = seeded_partition(
+        total,
+        {"test": n_test, "validation": n_val, "train": n_train},
+        int(cfg_value(data_cfg, "seed", 0)),
+        "cc3m",
+        path,
+    )
+    return {
+        name: split_from_pairs(name, ((records[i][0], text) for i in parts[name] for text in records[i][1]), max_words)
+        for name in SPLIT_NAMES
+    }
 
 
 def build(data_cfg) -> dict:
@@ -88,5 +98,7 @@ def build(data_cfg) -> dict:
         path = os.path.join(root, file_name)
         if os.path.isfile(path):
             return _from_single_file(data_cfg, root, path, chat, max_words)
-    raise UserError(f"no CC3M annotations in {root}: expected {SPLIT_FILES['train']} (with the val/test files), "
-                    "chat.json or metadata.json")
+    raise UserError(
+        f"no CC3M annotations in {root}: expected {SPLIT_FILES['train']} (with the val/test files), "
+        "chat.json or metadata.json"
+    )

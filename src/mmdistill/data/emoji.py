@@ -6,6 +6,7 @@ Pixels are cached in memory per image size; the split (80/5/15 % by default) is 
 
 Some names say left/right ("leftwards arrow"), so a horizontal flip is not caption-preserving: FLIP_SAFE is False.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ from mmdistill.errors import UserError
 FLIP_SAFE = False
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_SIZE = 109  # the font's only bitmap strike
-CANVAS = 160     # larger than the 136x128 glyph bitmaps
+CANVAS = 160  # larger than the 136x128 glyph bitmaps
 DEFAULT_IMAGE_SIZE = 32
 SPLIT_FRACTIONS = {"validation": 0.05, "test": 0.15}  # train takes the rest
 
@@ -42,8 +43,12 @@ CAPTION_TEMPLATES = [
 
 
 def _candidates() -> list[int]:
-    return [cp for start, stop in CODEPOINT_RANGES for cp in range(start, stop)
-            if unicodedata.name(chr(cp), None) and not any(a <= cp < b for a, b in SEQUENCE_PARTS)]
+    return [
+        cp
+        for start, stop in CODEPOINT_RANGES
+        for cp in range(start, stop)
+        if unicodedata.name(chr(cp), None) and not any(a <= cp < b for a, b in SEQUENCE_PARTS)
+    ]
 
 
 def render_glyph(font: ImageFont.FreeTypeFont, char: str, image_size: int) -> Image.Image | None:

@@ -13,6 +13,7 @@ Split folders may use the names `datasets` accepts (validation: val, valid, dev,
 training); a missing validation or test split is carved out of train. Several captions per image: repeat the
 file_name row, or give `text` as a list (a JSON list in a CSV cell).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,11 @@ from mmdistill.data import carve_missing, cfg_value, split_from_entries
 from mmdistill.errors import UserError
 
 FLIP_SAFE = True
-SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "val", "valid", "dev", "eval"),
-                 "test": ("test", "testing")}
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid", "dev", "eval"),
+    "test": ("test", "testing"),
+}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
@@ -78,10 +82,12 @@ def _has_metadata(folder: str) -> bool:
 def layout_error(root, problem: str) -> UserError:
     """What was wrong, the layout the source expects, and a command that uses it, in one line."""
     shown = root or "DIR"
-    return UserError(f"{problem}; the folder source expects {shown}/metadata.csv (columns file_name,text; file_name"
-                     f" relative to {shown}, e.g. img/a.jpg) or metadata.jsonl, or split folders {shown}/train/"
-                     f"metadata.jsonl (+ validation/, test/), e.g. mmdistill run --preset shapes-100 --set"
-                     f" data.source=folder --set data.root={shown} --out runs/mine")
+    return UserError(
+        f"{problem}; the folder source expects {shown}/metadata.csv (columns file_name,text; file_name"
+        f" relative to {shown}, e.g. img/a.jpg) or metadata.jsonl, or split folders {shown}/train/"
+        f"metadata.jsonl (+ validation/, test/), e.g. mmdistill run --preset shapes-100 --set"
+        f" data.source=folder --set data.root={shown} --out runs/mine"
+    )
 
 
 def build(data_cfg) -> dict:

@@ -11,6 +11,7 @@ A missing validation or test split is carved out of train (data.val_images / dat
 fractions, seeded by data.seed). Images are decoded once, resized to data.image_size and kept in memory like
 the built-in sources', so the source suits sets that fit in memory at that size.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,11 @@ from mmdistill.data import carve_missing, cfg_value, clean_caption, in_memory_sp
 from mmdistill.errors import UserError
 
 FLIP_SAFE = True
-SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "val", "valid", "dev", "eval"),
-               "test": ("test", "testing")}
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid", "dev", "eval"),
+    "test": ("test", "testing"),
+}
 
 
 def _datasets():
@@ -46,8 +50,10 @@ def _check_hub_reachable(datasets, name: str) -> None:
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as err:
-        raise UserError(f"cannot load dataset {name!r}: it is not a local folder and the hub ({host}) cannot be"
-                        f" reached ({err.strerror or err}); give data.name a local dataset folder") from None
+        raise UserError(
+            f"cannot load dataset {name!r}: it is not a local folder and the hub ({host}) cannot be"
+            f" reached ({err.strerror or err}); give data.name a local dataset folder"
+        ) from None
 
 
 def load(name: str) -> dict:
@@ -75,16 +81,20 @@ def _pick_splits(available: dict, split_map, name: str) -> dict:
         theirs = split_map.get(ours) if split_map else None
         if theirs is not None:
             if theirs not in available:
-                raise UserError(f"bad value {theirs!r} for 'data.split_map.{ours}': dataset {name!r} has splits"
-                                f" {', '.join(available)}")
+                raise UserError(
+                    f"bad value {theirs!r} for 'data.split_map.{ours}': dataset {name!r} has splits"
+                    f" {', '.join(available)}"
+                )
             chosen[ours] = theirs
         else:
             found = next((a for a in aliases if a in available), None)
             if found is not None:
                 chosen[ours] = found
     if "train" not in chosen:
-        raise UserError(f"dataset {name!r} has no train split (it has {', '.join(available)}); map one with"
-                        " --set data.split_map.train=NAME")
+        raise UserError(
+            f"dataset {name!r} has no train split (it has {', '.join(available)}); map one with"
+            " --set data.split_map.train=NAME"
+        )
     return chosen
 
 
@@ -124,8 +134,10 @@ def build(data_cfg) -> dict:
         dataset = available[theirs]
         for column, key in ((image_column, "image_column"), (text_column, "text_column")):
             if column not in dataset.column_names:
-                raise UserError(f"bad value {column!r} for 'data.{key}': split {theirs!r} of {name!r} has columns"
-                                f" {', '.join(dataset.column_names)}")
+                raise UserError(
+                    f"bad value {column!r} for 'data.{key}': split {theirs!r} of {name!r} has columns"
+                    f" {', '.join(dataset.column_names)}"
+                )
         images, captions = [], []
         for row, record in enumerate(dataset.select_columns([image_column, text_column])):
             where = f"{name} [{theirs}] row {row}"

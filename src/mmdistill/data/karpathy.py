@@ -9,6 +9,7 @@ train files hold one entry per caption, {"image", "caption": str, "image_id"}; v
 {"image", "caption": [str, ...]}. Either form is accepted in any file. Captions keep file order; images are numbered
 by first appearance. `image` is relative to data.image_root when set, else to data.root.
 """
+
 from __future__ import annotations
 
 from mmdistill.data import cfg_value, find_annotation, read_json_list, require_root, split_from_entries
@@ -16,8 +17,11 @@ from mmdistill.data import cfg_value, find_annotation, read_json_list, require_r
 FLIP_SAFE = True
 ANNOTATION_FILES = {
     "flickr30k": {"train": "flickr30k_train.json", "validation": "flickr30k_val.json", "test": "flickr30k_test.json"},
-    "coco": {"train": "coco_karpathy_train.json", "validation": "coco_karpathy_val.json",
-             "test": "coco_karpathy_test.json"},
+    "coco": {
+        "train": "coco_karpathy_train.json",
+        "validation": "coco_karpathy_val.json",
+        "test": "coco_karpathy_test.json",
+    },
 }
 
 

@@ -8,6 +8,7 @@ validation or train; validation scenes are never reused by train. Defaults mirro
 
 Captions say left/right, so a horizontal flip would make them wrong: FLIP_SAFE is False.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,14 @@ DEFAULT_SIZES = {"train": 4000, "validation": 500, "test": 1000}
 DEFAULT_IMAGE_SIZE = 32
 
 COLOURS = {
-    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 85, 215), "yellow": (235, 205, 35),
-    "purple": (130, 55, 170), "orange": (240, 130, 25), "pink": (240, 125, 185), "cyan": (35, 190, 200),
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (45, 85, 215),
+    "yellow": (235, 205, 35),
+    "purple": (130, 55, 170),
+    "orange": (240, 130, 25),
+    "pink": (240, 125, 185),
+    "cyan": (35, 190, 200),
 }
 RADII = {"small": 0.09, "big": 0.14}  # fraction of the image side
 COLOUR_NAMES, SIZE_NAMES = list(COLOURS), list(RADII)
@@ -48,8 +55,13 @@ MASKS = {
 }
 KINDS = list(MASKS)
 KIND_WORDS = {
-    "circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",),
-    "cross": ("cross", "plus sign"), "ring": ("ring", "donut"), "bar": ("bar", "stripe"), "diamond": ("diamond",),
+    "circle": ("circle", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "cross": ("cross", "plus sign"),
+    "ring": ("ring", "donut"),
+    "bar": ("bar", "stripe"),
+    "diamond": ("diamond",),
 }
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 
@@ -57,13 +69,15 @@ SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 @dataclass(frozen=True)
 class Layout:
     centres: tuple[tuple[float, float], ...]  # (x, y) per shape, in [0, 1]
-    sides: tuple[str, ...]                    # where each shape is, in caption words
+    sides: tuple[str, ...]  # where each shape is, in caption words
 
 
 def _layouts() -> dict[str, Layout]:
     left, right, top, bottom, centre = (0.27, 0.5), (0.73, 0.5), (0.5, 0.27), (0.5, 0.73), (0.5, 0.5)
-    layouts = {name: Layout((xy,), (name,))
-               for name, xy in [("left", left), ("right", right), ("top", top), ("bottom", bottom), ("center", centre)]}
+    layouts = {
+        name: Layout((xy,), (name,))
+        for name, xy in [("left", left), ("right", right), ("top", top), ("bottom", bottom), ("center", centre)]
+    }
     layouts["pair-h"] = Layout((left, right), ("left", "right"))
     layouts["pair-v"] = Layout((top, bottom), ("top", "bottom"))
     layouts["row"] = Layout(((0.16, 0.5), centre, (0.84, 0.5)), ("left", "center", "right"))
@@ -98,14 +112,17 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
-    kind: str            # scene kind (a key of SCENE_KINDS); "group" scenes repeat one shape
+    kind: str  # scene kind (a key of SCENE_KINDS); "group" scenes repeat one shape
     layout: str
     shapes: tuple[Shape, ...]
 
 
 def _random_shape(rng: np.random.Generator) -> Shape:
-    return Shape(KINDS[rng.integers(len(KINDS))], COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
-                 SIZE_NAMES[rng.integers(len(SIZE_NAMES))])
+    return Shape(
+        KINDS[rng.integers(len(KINDS))],
+        COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
+        SIZE_NAMES[rng.integers(len(SIZE_NAMES))],
+    )
 
 
 def _distinct_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
@@ -156,13 +173,17 @@ def plural(noun: str) -> str:
 
 
 SIDE_WORDS = {
-    "left": ("on the left", "at the left"), "right": ("on the right", "at the right"),
-    "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
+    "left": ("on the left", "at the left"),
+    "right": ("on the right", "at the right"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
     "center": ("in the center", "in the middle"),
 }
 RELATION_WORDS = {  # where the first shape is relative to the second
-    ("left", "right"): ("to the left of", "left of"), ("right", "left"): ("to the right of", "right of"),
-    ("top", "bottom"): ("above", "over"), ("bottom", "top"): ("below", "under"),
+    ("left", "right"): ("to the left of", "left of"),
+    ("right", "left"): ("to the right of", "right of"),
+    ("top", "bottom"): ("above", "over"),
+    ("bottom", "top"): ("below", "under"),
 }
 
 
@@ -227,8 +248,9 @@ def _pair(scene: Scene, w: Words) -> list[str]:
 def _triple(scene: Scene, w: Words) -> list[str]:
     (s, t, u), (p, m, q) = scene.shapes, LAYOUTS[scene.layout].sides
     horizontal = scene.layout == "row"
-    forward, backward = ("from left to right", "from right to left") if horizontal else \
-        ("from top to bottom", "from bottom to top")
+    forward, backward = (
+        ("from left to right", "from right to left") if horizontal else ("from top to bottom", "from bottom to top")
+    )
     return [
         f"{w.a(s)}, {w.a(t)} and {w.a(u)} {forward}",
         f"{w.a(u)}, {w.a(t)} and {w.a(s)} {backward}",

@@ -4,6 +4,7 @@
 `augment_batch` is a batched random-resized-crop/flip/brightness for small in-memory sets, where a per-image
 Python loop would cost more than the expert's training step.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,21 @@ class SpecRandAugment(v2.RandAugment):
     attribute) without Color, Contrast, Posterize and Solarize."""
 
     _AUGMENTATION_SPACE = {
-        name: op for name, op in v2.RandAugment._AUGMENTATION_SPACE.items()
-        if name in ("Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize",
-                    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+        name: op
+        for name, op in v2.RandAugment._AUGMENTATION_SPACE.items()
+        if name
+        in (
+            "Identity",
+            "AutoContrast",
+            "Brightness",
+            "Sharpness",
+            "Equalize",
+            "ShearX",
+            "ShearY",
+            "TranslateX",
+            "TranslateY",
+            "Rotate",
+        )
     }
 
 
@@ -74,7 +87,7 @@ def augment_batch(pixels: torch.Tensor, size: int, generator: torch.Generator, f
     ratio = torch.exp(uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
     width = torch.sqrt(area * ratio).clamp(max=1.0)  # crop sides as fractions of the image sides
     height = torch.sqrt(area / ratio).clamp(max=1.0)
-    centre_x = (1 - width) * uniform(-1.0, 1.0)      # in affine_grid coordinates, [-1, 1]
+    centre_x = (1 - width) * uniform(-1.0, 1.0)  # in affine_grid coordinates, [-1, 1]
     centre_y = (1 - height) * uniform(-1.0, 1.0)
     mirror = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
     brightness = uniform(1 - BRIGHTNESS_JITTER, 1 + BRIGHTNESS_JITTER)
@@ -94,7 +107,7 @@ def pixel_tensor(split: Split, size: int, mean, std, chunk: int = 1024) -> torch
     """The whole split test-transformed: float32 [N,3,size,size]; for small sets that fit in memory."""
     transform = build_transform(size, mean, std, "none")
     if isinstance(split.images, torch.Tensor):  # v2 transforms take a batch as one image with leading dims
-        return torch.cat([transform(split.images[i:i + chunk]) for i in range(0, len(split), chunk)])
+        return torch.cat([transform(split.images[i : i + chunk]) for i in range(0, len(split), chunk)])
     return torch.stack([transform(load_image(split, i)) for i in range(len(split))])
 
 

@@ -19,6 +19,7 @@ the student lr that matches a window best shifts with the experts' steps per epo
 
 Any number given in the config wins over the measurement. Every choice comes with a one-line reason.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,11 +73,14 @@ def expert_epochs_for(cfg, phases: list[PhaseConfig], train_captions: int) -> tu
         return int(dc.expert_epochs), "set in the config"
     steps = math.ceil(train_captions / cfg.experts.batch_size)
     wanted = math.ceil(dc.syn_steps / steps)
-    room = min((p.shortcut_end if p.shortcut_end is not None else cfg.experts.epochs) - (p.start_epochs[1] - 1)
-               for p in phases)
+    room = min(
+        (p.shortcut_end if p.shortcut_end is not None else cfg.experts.epochs) - (p.start_epochs[1] - 1) for p in phases
+    )
     epochs = max(1, min(wanted, room))
-    reason = (f"auto: {steps} expert steps per epoch ({train_captions} captions, batch {cfg.experts.batch_size});"
-              f" {epochs} epoch(s) hold {epochs * steps} steps for {dc.syn_steps} synthetic steps")
+    reason = (
+        f"auto: {steps} expert steps per epoch ({train_captions} captions, batch {cfg.experts.batch_size});"
+        f" {epochs} epoch(s) hold {epochs * steps} steps for {dc.syn_steps} synthetic steps"
+    )
     if epochs < wanted:
         reason += f" (the phase windows leave room for {room} only)"
     return epochs, reason
@@ -90,12 +94,14 @@ def _windows(distiller, p: int, phase: PhaseConfig) -> list[tuple[dict, dict, In
         gen = generator(cfg.seed, "calibrate", p, sample)
         low, high = phase.start_epochs
         start = int(torch.randint(low, high, (1,), generator=gen))
-        theta_start, theta_target = matching_pair(store, sample % len(store), start, dc.expert_epochs,
-                                                  phase.shortcut_end)
+        theta_start, theta_target = matching_pair(
+            store, sample % len(store), start, dc.expert_epochs, phase.shortcut_end
+        )
         plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, distiller.blend, distiller.device)
         like = distiller.device
-        windows.append(({m: t.to(like) for m, t in theta_start.items()},
-                        {m: t.to(like) for m, t in theta_target.items()}, plan))
+        windows.append(
+            ({m: t.to(like) for m, t in theta_start.items()}, {m: t.to(like) for m, t in theta_target.items()}, plan)
+        )
     return windows
 
 
@@ -109,8 +115,9 @@ def _mean_loss(distiller, syn, windows, lr: float) -> float:
     options = distiller.options
     losses = []
     for theta_start, theta_target, plan in windows:
-        loop = InnerLoop(distiller.model, _with_lr(syn, lr), plan, options["loss_fn"], options["sim_kind"],
-                         options["sim_alpha"])
+        loop = InnerLoop(
+            distiller.model, _with_lr(syn, lr), plan, options["loss_fn"], options["sim_kind"], options["sim_alpha"]
+        )
         theta_n, _ = loop.run(theta_start)
         losses.append(matching_loss(theta_n, theta_start, theta_target, options["merge_branches"]).item())
     return statistics.fmean(losses)
@@ -129,12 +136,15 @@ def _best_lr(scan: list[tuple[float, float]], no_move: float) -> tuple[float, st
         return LR_GRID[0], "no lr scanned gave a finite matching loss"
     best_loss, best_lr = min(finite)
     if best_loss < (1 - NO_MOVE_MARGIN) * no_move:
-        return best_lr, (f"the best of {len(scan)} lrs scanned on {SAMPLES} expert windows (matching loss"
-                         f" {best_loss:.3f} there)")
+        return best_lr, (
+            f"the best of {len(scan)} lrs scanned on {SAMPLES} expert windows (matching loss {best_loss:.3f} there)"
+        )
     edge = max((lr for loss, lr in finite if loss <= 1.01 * no_move), default=best_lr)
     loss = next(loss for loss, lr in finite if lr == edge)
-    return edge, (f"no lr of {len(scan)} beats the no-move loss {no_move:.3f} on {SAMPLES} expert windows; the"
-                  f" largest within 1 % of it (matching loss {loss:.3f} there)")
+    return edge, (
+        f"no lr of {len(scan)} beats the no-move loss {no_move:.3f} on {SAMPLES} expert windows; the"
+        f" largest within 1 % of it (matching loss {loss:.3f} there)"
+    )
 
 
 def calibrate(distiller, p: int, phase: PhaseConfig, syn: dict[str, torch.Tensor]) -> Calibration:
@@ -161,8 +171,10 @@ def calibrate(distiller, p: int, phase: PhaseConfig, syn: dict[str, torch.Tensor
         size, grad = norms.get(group, (0.0, 0.0))
         if grad > 0 and size > 0 and math.isfinite(grad):
             lrs[key] = RELATIVE_STEP[group] * size / grad
-            reasons[key] = (f"auto: moves {group} by {RELATIVE_STEP[group]:.1%} of their norm ({size:.3g}) in the"
-                            f" first step (mean change per unit lr {grad:.3g})")
+            reasons[key] = (
+                f"auto: moves {group} by {RELATIVE_STEP[group]:.1%} of their norm ({size:.3g}) in the"
+                f" first step (mean change per unit lr {grad:.3g})"
+            )
         else:  # nothing to learn (identity S) or no gradient at all: the lr is never used to move anything
             lrs[key] = 0.0
             reasons[key] = f"auto: {group} {'has no parameters' if size == 0 else 'receive no gradient'} here"

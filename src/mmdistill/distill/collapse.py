@@ -6,6 +6,7 @@ phase has collapsed when, for a whole window of iterations, no loss fell below t
 synthetic set never brought the student closer to the target than standing still does), or when both learned
 lrs have shrunk to a hundredth of their initial value (every gradient scales with the lr: nothing recovers).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -40,8 +41,10 @@ class CollapseWatch:
         self.recent.append(loss)
         reason = None
         if len(self.recent) == self.recent.maxlen and min(self.recent) >= (1 - NO_MOVE_MARGIN) * self.no_move:
-            reason = (f"matching loss at or above the no-move value {self.no_move:.3f} for {len(self.recent)}"
-                      f" iterations (min {min(self.recent):.4f})")
+            reason = (
+                f"matching loss at or above the no-move value {self.no_move:.3f} for {len(self.recent)}"
+                f" iterations (min {min(self.recent):.4f})"
+            )
         elif self.lr_init > 0 and max(lrs) < LR_COLLAPSE * self.lr_init:
             reason = f"learned lrs {', '.join(f'{lr:.2g}' for lr in lrs)} fell below {LR_COLLAPSE:g} x lr_init"
         if reason is None:

@@ -12,6 +12,7 @@ Outputs in OUT, written through `synthetic` (the distilled-set format; README "U
 - checkpoints/phase-<p>.pt while a phase runs. All randomness of iteration k of phase p comes from
   generator(seed, "iter", p, k, sample), so `resume` continues bit-identically on CPU from any checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,11 +63,15 @@ def plan_phases(cfg) -> list[PhaseConfig]:
     phases = [PhaseConfig(**OmegaConf.to_container(p)) for p in dc.phases]
     if not dc.use_phases:
         ends = [p.shortcut_end for p in phases]
-        phases = [PhaseConfig(pairs=sum(p.pairs for p in phases), iterations=sum(p.iterations for p in phases),
-                              start_epochs=[min(p.start_epochs[0] for p in phases),
-                                            max(p.start_epochs[1] for p in phases)],
-                              shortcut_end=None if None in ends else max(ends),
-                              sim_rank=max((p.sim_rank for p in phases if p.sim_rank is not None), default=None))]
+        phases = [
+            PhaseConfig(
+                pairs=sum(p.pairs for p in phases),
+                iterations=sum(p.iterations for p in phases),
+                start_epochs=[min(p.start_epochs[0] for p in phases), max(p.start_epochs[1] for p in phases)],
+                shortcut_end=None if None in ends else max(ends),
+                sim_rank=max((p.sim_rank for p in phases if p.sim_rank is not None), default=None),
+            )
+        ]
     if not dc.use_shortcut:
         phases = [dataclasses.replace(p, shortcut_end=None) for p in phases]
     return phases
@@ -95,8 +100,10 @@ class SyntheticSet:
             group = GROUP_OF.get(name, "sim")
             if group != "lr" or dc.lr_update == "sgd":
                 groups.setdefault(group, []).append(tensor)
-        self.optimizer = SGD([{"params": params, "lr": self.base_lrs[g], "name": g} for g, params in groups.items()],
-                             momentum=dc.momentum)
+        self.optimizer = SGD(
+            [{"params": params, "lr": self.base_lrs[g], "name": g} for g, params in groups.items()],
+            momentum=dc.momentum,
+        )
         # Adam moments of log(lr) per learned lr, and the step count (log-adam only)
         self.lr_moments = {key: torch.zeros(2, *self.syn[key].shape) for key in LR_KEYS.values()}
         self.lr_steps = 0
@@ -107,10 +114,14 @@ class SyntheticSet:
 
     def snapshot(self) -> dict:
         """Everything a rollback or a resume restores (not the lr factor or the recoveries: they only grow)."""
-        return {"iteration": self.iteration, "syn": {k: v.detach().clone() for k, v in self.syn.items()},
-                "ema": {k: v.clone() for k, v in self.ema.items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "lr_moments": {k: v.clone() for k, v in self.lr_moments.items()}, "lr_steps": self.lr_steps}
+        return {
+            "iteration": self.iteration,
+            "syn": {k: v.detach().clone() for k, v in self.syn.items()},
+            "ema": {k: v.clone() for k, v in self.ema.items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "lr_moments": {k: v.clone() for k, v in self.lr_moments.items()},
+            "lr_steps": self.lr_steps,
+        }
 
     def restore(self, snapshot: dict) -> None:
         self.iteration = snapshot["iteration"]
@@ -146,8 +157,8 @@ class SyntheticSet:
             moments = self.lr_moments[key]
             moments[0].mul_(0.9).add_(grad, alpha=0.1)
             moments[1].mul_(0.999).addcmul_(grad, grad, value=0.001)
-            mean = moments[0] / (1 - 0.9 ** self.lr_steps)
-            spread = (moments[1] / (1 - 0.999 ** self.lr_steps)).sqrt() + 1e-8
+            mean = moments[0] / (1 - 0.9**self.lr_steps)
+            spread = (moments[1] / (1 - 0.999**self.lr_steps)).sqrt() + 1e-8
             lr.mul_(torch.exp(-self.dc.lr_lr * mean / spread).to(lr))
 
     def ema_update(self) -> None:
@@ -171,10 +182,14 @@ class SyntheticSet:
             else:
                 data = ["distill.lr_images", "distill.lr_texts"]
                 data += ["distill.lr_sim"] if any(GROUP_OF.get(k, "sim") == "sim" for k in self.syn) else []
-                hint = (f"lower {' / '.join(data)} (halved at each recovery) or distill.lr_init, or raise"
-                        " distill.max_retries")
-            raise UserError(f"phase {p}: loss or gradient not finite at iteration {failed} after"
-                            f" {self.dc.max_retries} recoveries; {hint}")
+                hint = (
+                    f"lower {' / '.join(data)} (halved at each recovery) or distill.lr_init, or raise"
+                    " distill.max_retries"
+                )
+            raise UserError(
+                f"phase {p}: loss or gradient not finite at iteration {failed} after"
+                f" {self.dc.max_retries} recoveries; {hint}"
+            )
         self.lr_factor /= 2
         self.recoveries.append({"iteration": failed, "restart": self.good["iteration"], "lr_factor": self.lr_factor})
         self.restore(self.good)
@@ -198,17 +213,30 @@ class Distiller:
         self.cfg, self.store, self.bundle, self.device = cfg, store, bundle, device
         self.config_keys = keys or distill_keys(cfg)
         self.fingerprint = digest(self.config_keys)
-        self.model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size,
-                                 seed=derive_seed(cfg.seed, "student"), device=device).train()
+        self.model = build_model(
+            cfg.model,
+            text_dim=bundle.text_dim,
+            image_size=cfg.data.image_size,
+            seed=derive_seed(cfg.seed, "student"),
+            device=device,
+        ).train()
         if store.layouts != self.model.layouts:
-            raise UserError(f"the experts in {store.folder} were trained for another student than this config's"
-                            f" ({cfg.model.image_encoder}, image_trainable={cfg.model.image_trainable}); train"
-                            " experts with the same preset and model settings")
+            raise UserError(
+                f"the experts in {store.folder} were trained for another student than this config's"
+                f" ({cfg.model.image_encoder}, image_trainable={cfg.model.image_trainable}); train"
+                " experts with the same preset and model settings"
+            )
         dc = cfg.distill
         self.blend = dc.blend.alpha if dc.blend.enabled else None
-        self.options = {"loss_fn": LOSSES[dc.loss], "sim_kind": dc.similarity, "sim_alpha": dc.sim_alpha,
-                        "mode": dc.gradient, "merge_branches": dc.merge_loss_branches,
-                        "autocast": dc.autocast, "channels_last": dc.channels_last}
+        self.options = {
+            "loss_fn": LOSSES[dc.loss],
+            "sim_kind": dc.similarity,
+            "sim_alpha": dc.sim_alpha,
+            "mode": dc.gradient,
+            "merge_branches": dc.merge_loss_branches,
+            "autocast": dc.autocast,
+            "channels_last": dc.channels_last,
+        }
 
     def init_synthetic(self, p: int, phase: PhaseConfig) -> dict[str, torch.Tensor]:
         """`pairs` random real caption entries (each with its image), or Gaussian noise; S = I; lrs = lr_init
@@ -221,8 +249,13 @@ class Distiller:
             texts = torch.randn(texts.shape, generator=gen)
         lr = torch.tensor([dc.lr_init if dc.lr_init != AUTO else 0.0])
         rank = dc.sim_rank if phase.sim_rank is None else phase.sim_rank
-        syn = {"images": images, "texts": texts, **init_similarity(dc.similarity, phase.pairs, rank, gen),
-               "lr_img": lr, "lr_txt": lr.clone()}
+        syn = {
+            "images": images,
+            "texts": texts,
+            **init_similarity(dc.similarity, phase.pairs, rank, gen),
+            "lr_img": lr,
+            "lr_txt": lr.clone(),
+        }
         return {k: v.float().to(self.device) for k, v in syn.items()}
 
     def sample_start_epoch(self, p: int, phase: PhaseConfig, sample: int, gen: torch.Generator) -> tuple[int, int]:
@@ -242,8 +275,9 @@ class Distiller:
             gen = generator(self.cfg.seed, "iter", p, k, sample)
             # sample start epoch
             expert, start = self.sample_start_epoch(p, phase, k * dc.trajectories_per_iter + sample, gen)
-            theta_start, theta_target = matching_pair(self.store, expert, start, dc.expert_epochs, phase.shortcut_end,
-                                                      self.device)
+            theta_start, theta_target = matching_pair(
+                self.store, expert, start, dc.expert_epochs, phase.shortcut_end, self.device
+            )
             # train t steps on the synthetic set, matching loss, and its gradient w.r.t. the synthetic set
             plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, self.blend, self.device)
             value, grad = matching_gradient(self.model, state.syn, theta_start, theta_target, plan, **self.options)
@@ -278,8 +312,9 @@ class Distiller:
             for key, reason in calibration.reasons.items():
                 logger.info("phase %d: %s = %.4g (%s)", p, key, getattr(calibration, key), reason)
             if state.iteration == 0:
-                append_jsonl(out / "history.jsonl", {"phase": p, "iteration": 0, "event": "calibration",
-                                                     **calibration.to_json()})
+                append_jsonl(
+                    out / "history.jsonl", {"phase": p, "iteration": 0, "event": "calibration", **calibration.to_json()}
+                )
         bar = progress_bar(total=phase.iterations, initial=state.iteration, desc=f"phase {p}", disable=not main)
         while state.iteration < phase.iterations:
             k, started = state.iteration, time.perf_counter()
@@ -289,15 +324,26 @@ class Distiller:
                 state.rollback(p, k)
                 bar.n = state.iteration
                 if main:
-                    bar.write(f"phase {p} iteration {k}: not finite; back to iteration {state.iteration},"
-                              f" data lrs x{state.lr_factor:g}")
+                    bar.write(
+                        f"phase {p} iteration {k}: not finite; back to iteration {state.iteration},"
+                        f" data lrs x{state.lr_factor:g}"
+                    )
                     append_jsonl(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
                 continue
             lr_img, lr_txt = (state.syn[key].item() for key in LR_KEYS.values())
             newly_collapsed = watch.update(loss, (lr_img, lr_txt), k)
             if main:
-                append_jsonl(out / "history.jsonl", {"phase": p, "iteration": k, "loss": loss, "lr_img": lr_img,
-                                                     "lr_txt": lr_txt, "seconds": round(seconds, 4)})
+                append_jsonl(
+                    out / "history.jsonl",
+                    {
+                        "phase": p,
+                        "iteration": k,
+                        "loss": loss,
+                        "lr_img": lr_img,
+                        "lr_txt": lr_txt,
+                        "seconds": round(seconds, 4),
+                    },
+                )
                 log_scalars(f"distill/{dc.method}/phase-{p}", {"loss": loss, "lr_img": lr_img, "lr_txt": lr_txt}, k)
                 if newly_collapsed:
                     bar.write(f"phase {p}: COLLAPSED at iteration {k}: {watch.collapse['reason']}")
@@ -305,10 +351,17 @@ class Distiller:
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
-                    save_torch({**state.checkpoint(), "fingerprint": self.fingerprint,
-                                "config_keys": self.config_keys}, checkpoint)
-            bar.set_postfix(loss=f"{loss:.4f}", s_it=f"{seconds:.2f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}",
-                            **({"status": "COLLAPSED"} if watch.collapse else {}))
+                    save_torch(
+                        {**state.checkpoint(), "fingerprint": self.fingerprint, "config_keys": self.config_keys},
+                        checkpoint,
+                    )
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                s_it=f"{seconds:.2f}",
+                lr_img=f"{lr_img:.4f}",
+                lr_txt=f"{lr_txt:.4f}",
+                **({"status": "COLLAPSED"} if watch.collapse else {}),
+            )
             bar.update(1)
         bar.close()
         state.collapse = watch.collapse
@@ -332,11 +385,20 @@ class Distiller:
     def save_ema(self, phase: PhaseConfig, state: SyntheticSet, path: Path) -> None:
         """The EMA state as a phase file (also used for the intermediate snapshots of the recall curve)."""
         dc = self.cfg.distill
-        metadata = {"similarity": dc.similarity, "sim_alpha": float(dc.sim_alpha), "space": dc.space,
-                    "pairs": phase.pairs, "iterations": state.iteration, "image_size": self.cfg.data.image_size,
-                    "lr_source": "ema", "recoveries": state.recoveries, "fingerprint": self.fingerprint,
-                    "config_keys": self.config_keys,
-                    "calibration": state.calibration.to_json(), "collapse": state.collapse}
+        metadata = {
+            "similarity": dc.similarity,
+            "sim_alpha": float(dc.sim_alpha),
+            "space": dc.space,
+            "pairs": phase.pairs,
+            "iterations": state.iteration,
+            "image_size": self.cfg.data.image_size,
+            "lr_source": "ema",
+            "recoveries": state.recoveries,
+            "fingerprint": self.fingerprint,
+            "config_keys": self.config_keys,
+            "calibration": state.calibration.to_json(),
+            "collapse": state.collapse,
+        }
         live = {LIVE_LRS[key]: state.syn[key].detach() for key in LR_KEYS.values()}  # the reference evaluates with them
         write_phase(path, {**state.ema, **live}, metadata)
 
@@ -364,8 +426,10 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False, restart
             logger.info("expert_epochs = %d (%s)", expert_epochs["value"], expert_epochs["reason"])
         needed = max(max(p.start_epochs[1] - 1 + expert_epochs["value"], p.shortcut_end or 0) for p in phases)
         if needed > store.epochs:
-            raise UserError(f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
-                            f" epochs 0..{store.epochs}")
+            raise UserError(
+                f"the phases need expert snapshot {needed}, but the experts in {experts_dir} have"
+                f" epochs 0..{store.epochs}"
+            )
         distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), keys)
         for p, phase in enumerate(phases):
             if resume and not restart and (out / f"phase-{p}.safetensors").exists():  # checked: this config's
@@ -388,16 +452,29 @@ def resolve_expert_epochs(cfg, bundle) -> tuple[DictConfig, dict]:
 # Keys that do not change the distilled data: names, where it runs, how often it saves, how many failures it
 # tolerates and how the result is evaluated. A resume after changing one of them continues where it stopped.
 # `methods.*` is the other methods' settings (this method's are already applied to distill.*).
-NOT_DISTILL_KEYS = ("name", "description", "inherit", "device", "cache_dir", "evaluate", "methods",
-                    "distill.checkpoint_every", "distill.snapshot_every", "distill.max_retries")
+NOT_DISTILL_KEYS = (
+    "name",
+    "description",
+    "inherit",
+    "device",
+    "cache_dir",
+    "evaluate",
+    "methods",
+    "distill.checkpoint_every",
+    "distill.snapshot_every",
+    "distill.max_retries",
+)
 
 
 def distill_keys(cfg) -> dict:
     """The dotted config keys that determine the distilled data, with their values: a checkpoint or phase file
     is reused only under the same ones (their digest marks the files), and a refused resume lists those that
     differ."""
-    return {k: v for k, v in flat_keys(to_dict(cfg)).items()
-            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_DISTILL_KEYS)}
+    return {
+        k: v
+        for k, v in flat_keys(to_dict(cfg)).items()
+        if not any(k == skip or k.startswith(skip + ".") for skip in NOT_DISTILL_KEYS)
+    }
 
 
 def _check_earlier_run(out: Path, count: int, key: str, keys: dict, resume: bool) -> None:
@@ -410,8 +487,9 @@ def _check_earlier_run(out: Path, count: int, key: str, keys: dict, resume: bool
     phases = [out / f"phase-{p}.safetensors" for p in range(count) if (out / f"phase-{p}.safetensors").exists()]
     if not resume:
         if checkpoints or (phases and not (out / "meta.json").exists()):
-            raise UserError(f"{out} holds an unfinished distillation; continue it with --resume, or discard it with"
-                            " --restart")
+            raise UserError(
+                f"{out} holds an unfinished distillation; continue it with --resume, or discard it with --restart"
+            )
         return
     for path in checkpoints:
         saved = load_torch(path, "checkpoint")
@@ -425,8 +503,10 @@ def _check_earlier_run(out: Path, count: int, key: str, keys: dict, resume: bool
 
 def _resume_refused(path: Path, saved_keys: dict | None, keys: dict) -> UserError:
     differ = changed_keys(saved_keys, keys) if isinstance(saved_keys, dict) else "not recorded in this older file"
-    return UserError(f"cannot resume: {path} was distilled with other settings ({differ}); undo the change, or"
-                     " start over with --restart")
+    return UserError(
+        f"cannot resume: {path} was distilled with other settings ({differ}); undo the change, or"
+        " start over with --restart"
+    )
 
 
 def _load_checkpoint(path: Path, state: SyntheticSet) -> dict:
@@ -436,9 +516,11 @@ def _load_checkpoint(path: Path, state: SyntheticSet) -> dict:
     try:
         tensors = [v for part in ("syn", "ema") for v in saved[part].values()]
         complete = {"iteration", "optimizer", "lr_factor", "recoveries", "fingerprint"} <= set(saved)
-        shapes_match = all(set(saved[part]) == set(state.syn) and all(
-            torch.is_tensor(v) and v.shape == state.syn[k].shape for k, v in saved[part].items())
-            for part in ("syn", "ema"))
+        shapes_match = all(
+            set(saved[part]) == set(state.syn)
+            and all(torch.is_tensor(v) and v.shape == state.syn[k].shape for k, v in saved[part].items())
+            for part in ("syn", "ema")
+        )
     except (TypeError, KeyError, AttributeError):
         complete = shapes_match = False
     if not (complete and shapes_match):
@@ -454,16 +536,21 @@ def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
     this config is refused (load_phase), not silently redone."""
     keep = set()
     if resume:
-        keep = {p for p in range(count) if (out / f"phase-{p}.safetensors").exists()
-                and load_phase(out / f"phase-{p}.safetensors").get("fingerprint") == expected}
+        keep = {
+            p
+            for p in range(count)
+            if (out / f"phase-{p}.safetensors").exists()
+            and load_phase(out / f"phase-{p}.safetensors").get("fingerprint") == expected
+        }
     for path in out.glob("phase-*"):
         match = PHASE_OUTPUT.fullmatch(path.name)
         if match and int(match.group(1)) not in keep:
             path.unlink()
     for path in (out / "snapshots").glob("phase-*-*.safetensors"):
         match = SNAPSHOT_FILE.fullmatch(path.name)
-        if match and not (resume and int(match.group(1)) < count
-                          and phase_metadata(path).get("fingerprint") == expected):
+        if match and not (
+            resume and int(match.group(1)) < count and phase_metadata(path).get("fingerprint") == expected
+        ):
             path.unlink()
     stale = [out / "recall_curve.json"] + ([] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")])
     for path in stale:
@@ -471,6 +558,7 @@ def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- outputs
+
 
 def _save_grid(images: torch.Tensor, bundle, path: Path) -> None:
     from torchvision.utils import save_image
@@ -500,8 +588,10 @@ def _nearest_captions(texts: torch.Tensor, bundle) -> list[dict]:
     """For each synthetic text, the most cosine-similar real training caption."""
     captions = bundle.splits["train"].captions
     best, index = _cosine_nearest(texts, bundle.texts["train"])
-    return [{"caption": captions[i], "caption_id": i, "similarity": round(s, 4)}
-            for s, i in zip(best.tolist(), index.tolist())]
+    return [
+        {"caption": captions[i], "caption_id": i, "similarity": round(s, 4)}
+        for s, i in zip(best.tolist(), index.tolist())
+    ]
 
 
 def _trim_history(path: Path, p: int, iteration: int) -> list[dict]:
@@ -509,8 +599,11 @@ def _trim_history(path: Path, p: int, iteration: int) -> list[dict]:
     phase p's iteration records that stay (events excluded), for the collapse watch to replay."""
     if not path.exists():
         return []
-    keep = [(line, r) for line in path.read_text().splitlines()
-            if (r := json.loads(line))["phase"] < p or (r["phase"] == p and r["iteration"] < iteration)]
+    keep = [
+        (line, r)
+        for line in path.read_text().splitlines()
+        if (r := json.loads(line))["phase"] < p or (r["phase"] == p and r["iteration"] < iteration)
+    ]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line, _ in keep))
     return [r for _, r in keep if r["phase"] == p and "loss" in r]
@@ -518,8 +611,9 @@ def _trim_history(path: Path, p: int, iteration: int) -> list[dict]:
 
 def _git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if result.returncode != 0:
@@ -532,17 +626,34 @@ def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, exp
     fingerprint of the config as given (the phase files carry it); `cfg` has its auto settings resolved.
     The encoders and the pixel normalisation are written out so the set can be used without the config."""
     done = [phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
-    write_meta({"method": cfg.distill.method, "preset": cfg.name, "seed": cfg.seed, "config": to_dict(cfg),
-                "fingerprint": key, "planned_phases": len(phases),
-                "phases": [{**dataclasses.asdict(phase), "iterations_done": d["iterations"],
-                            "recoveries": d["recoveries"], "calibration": d.get("calibration"),
-                            "collapse": d.get("collapse")} for phase, d in zip(phases, done)],
-                "encoders": {"image": cfg.model.image_encoder, "text": cfg.model.text_encoder,
-                             "text_dim": bundle.text_dim},
-                "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
-                "expert_epochs": expert_epochs, "lr_source": "ema", "version": __version__,
-                "git_commit": _git_commit(), "world_size": distributed.world_size()}, out)
+    write_meta(
+        {
+            "method": cfg.distill.method,
+            "preset": cfg.name,
+            "seed": cfg.seed,
+            "config": to_dict(cfg),
+            "fingerprint": key,
+            "planned_phases": len(phases),
+            "phases": [
+                {
+                    **dataclasses.asdict(phase),
+                    "iterations_done": d["iterations"],
+                    "recoveries": d["recoveries"],
+                    "calibration": d.get("calibration"),
+                    "collapse": d.get("collapse"),
+                }
+                for phase, d in zip(phases, done)
+            ],
+            "encoders": {"image": cfg.model.image_encoder, "text": cfg.model.text_encoder, "text_dim": bundle.text_dim},
+            "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
+            "expert_epochs": expert_epochs,
+            "lr_source": "ema",
+            "version": __version__,
+            "git_commit": _git_commit(),
+            "world_size": distributed.world_size(),
+        },
+        out,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
-

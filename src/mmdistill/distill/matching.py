@@ -8,7 +8,8 @@ With `merge_branches` (LoRS) the data's gradient comes from sum_m ||.||^2 / sum_
 student lr still takes the gradient of its own branch's term, as LoRS computes them.
 
 Three modes, one signature:
-- tesla (called `exact` before): TESLA's constant-memory gradient. dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
+- tesla (called `exact` before): TESLA's constant-memory gradient.
+  dL/dg_i = v = -alpha dL/dtheta_N is the same for every step, so
   pass 1 runs the loop without graphs (only theta_N and G survive it) and pass 2 replays it from theta_0 and
   backpropagates v . g_i into the step's inputs with a double backward. Nothing per step is stored.
 - fd: pass 2 swaps the double backward for a finite-difference Hessian-vector product,
@@ -24,8 +25,10 @@ Three modes, one signature:
   `detach_inner=True` cuts the parameter path, which is exactly what exact and fd compute (used by tests).
 
 Every random choice of the loop (mini-batches, blend draws, dropout masks) is drawn once in an `InnerPlan`
-and replayed in every pass; the reference redraws dropout masks in its recompute pass, which makes its second pass differ from its first; we do not.
+and replayed in every pass; the reference redraws dropout masks in its recompute pass,
+which makes its second pass differ from its first; we do not.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +52,15 @@ class InnerPlan:
     blends: list[tuple[float, torch.Tensor] | None]  # (lam, perm) of each step, or None without blending
 
     @classmethod
-    def draw(cls, n: int, steps: int, batch_size: int, gen: torch.Generator, blend_alpha: float | None = None,
-             device: torch.device | str = "cpu") -> "InnerPlan":
+    def draw(
+        cls,
+        n: int,
+        steps: int,
+        batch_size: int,
+        gen: torch.Generator,
+        blend_alpha: float | None = None,
+        device: torch.device | str = "cpu",
+    ) -> InnerPlan:
         """Consecutive slices of a random permutation of the n pairs, a new permutation when fewer than
         `batch_size` are left (as the reference draws them: a short remainder would be a step on a tiny batch,
         whose loss is on another scale than the others')."""
@@ -63,13 +73,19 @@ class InnerPlan:
         blends = [None] * steps
         if blend_alpha is not None:
             lam_rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=gen)))
-            blends = [(float(lam_rng.beta(blend_alpha, blend_alpha)), torch.randperm(len(b), generator=gen).to(device))
-                      for b in batches]
+            blends = [
+                (float(lam_rng.beta(blend_alpha, blend_alpha)), torch.randperm(len(b), generator=gen).to(device))
+                for b in batches
+            ]
         return cls([b.to(device) for b in batches], seeds, blends)
 
 
-def matching_loss(theta_n: dict[str, torch.Tensor], theta_start: dict[str, torch.Tensor],
-                  theta_target: dict[str, torch.Tensor], merge_branches: bool = False) -> torch.Tensor:
+def matching_loss(
+    theta_n: dict[str, torch.Tensor],
+    theta_start: dict[str, torch.Tensor],
+    theta_target: dict[str, torch.Tensor],
+    merge_branches: bool = False,
+) -> torch.Tensor:
     """Normalised distance to the target, per branch (or LoRS's merged form: one sum over one denominator)."""
     num = {m: (theta_n[m] - theta_target[m]).square().sum() for m in theta_n}
     den = {m: (theta_start[m] - theta_target[m]).square().sum() for m in theta_n}
@@ -86,8 +102,17 @@ def sgd_step(theta: dict[str, torch.Tensor], grads, alpha: dict[str, torch.Tenso
 class InnerLoop:
     """The student's N steps on the synthetic set, runnable with and without graphs, any number of times."""
 
-    def __init__(self, model, syn: dict[str, torch.Tensor], plan: InnerPlan, loss_fn, sim_kind: str,
-                 sim_alpha: float = 1.0, autocast: bool = False, channels_last: bool = False):
+    def __init__(
+        self,
+        model,
+        syn: dict[str, torch.Tensor],
+        plan: InnerPlan,
+        loss_fn,
+        sim_kind: str,
+        sim_alpha: float = 1.0,
+        autocast: bool = False,
+        channels_last: bool = False,
+    ):
         """`autocast`: the student's forward passes in bfloat16; `channels_last`: images in NHWC layout (both
         for GPUs: config keys distill.autocast / distill.channels_last)."""
         self.model, self.plan, self.loss_fn = model, plan, loss_fn
@@ -143,7 +168,7 @@ class InnerLoop:
                         loss = self.loss(i, point, inputs)
                     learned = [inputs[k] for k in self.learned]
                     grads = autograd.grad(loss, list(point.values()) + learned)
-                    grads, base = grads[:len(point)], grads[len(point):]
+                    grads, base = grads[: len(point)], grads[len(point) :]
                     steps.append(_Step({m: t.detach() for m, t in point.items()}, base, activations))
                 else:
                     grads = autograd.grad(self.loss(i, point, self.inputs(i)), list(point.values()))
@@ -152,8 +177,14 @@ class InnerLoop:
                 theta = sgd_step(theta, grads, self.alpha)
         return (theta, total, steps) if record else (theta, total)
 
-    def replay(self, theta_0: dict[str, torch.Tensor], v: dict[str, torch.Tensor], exact: bool,
-               fd_step: float, steps: list["_Step"] | None = None) -> dict[str, torch.Tensor]:
+    def replay(
+        self,
+        theta_0: dict[str, torch.Tensor],
+        v: dict[str, torch.Tensor],
+        exact: bool,
+        fd_step: float,
+        steps: list[_Step] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Pass 2: sum_i d(v . g_i)/d(inputs of step i), scattered back onto the synthetic set.
 
         exact replays the loop from theta_0; fd reads each step's point, base gradients and pieces from the
@@ -296,11 +327,22 @@ FD_STEP = {torch.float32: 1e-4, torch.float64: 1e-7}
 FD_STEP_AUTOCAST = 1e-2
 
 
-def matching_gradient(model, syn: dict[str, torch.Tensor], theta_start: dict[str, torch.Tensor],
-                      theta_target: dict[str, torch.Tensor], plan: InnerPlan, *, loss_fn, sim_kind: str,
-                      sim_alpha: float = 1.0, mode: str = "fd", merge_branches: bool = False,
-                      detach_inner: bool = False, autocast: bool = False,
-                      channels_last: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+def matching_gradient(
+    model,
+    syn: dict[str, torch.Tensor],
+    theta_start: dict[str, torch.Tensor],
+    theta_target: dict[str, torch.Tensor],
+    plan: InnerPlan,
+    *,
+    loss_fn,
+    sim_kind: str,
+    sim_alpha: float = 1.0,
+    mode: str = "fd",
+    merge_branches: bool = False,
+    detach_inner: bool = False,
+    autocast: bool = False,
+    channels_last: bool = False,
+) -> tuple[float, dict[str, torch.Tensor]]:
     """Train N steps on the synthetic set from theta_start, match theta_target; (L, dL/d each entry of `syn`).
 
     `syn` holds images, texts, the similarity parameters (similarity.py names) and lr_img / lr_txt.
@@ -320,8 +362,7 @@ def matching_gradient(model, syn: dict[str, torch.Tensor], theta_start: dict[str
     d_theta_n = dict(zip(theta_n, autograd.grad(loss, list(theta_n.values()))))
     v = {m: -loop.alpha[m] * d for m, d in d_theta_n.items()}  # dL/dg_i, the same for every step
     fd_step = FD_STEP_AUTOCAST if autocast else FD_STEP[like.dtype]
-    grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=fd_step,
-                        steps=steps[0] if record else None)
+    grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=fd_step, steps=steps[0] if record else None)
     if merge_branches:  # the lrs always follow their own branch's loss (LoRS merges only the data gradient)
         branches = matching_loss(theta_n, theta_start, theta_target, merge_branches=False)
         d_theta_n = dict(zip(theta_n, autograd.grad(branches, list(theta_n.values()))))
@@ -339,8 +380,14 @@ def _unroll(loop: InnerLoop, theta_start, theta_target, merge_branches: bool, de
         grads = autograd.grad(loop.loss(i, point, loop.inputs(i, syn)), list(point.values()), create_graph=True)
         theta = sgd_step(theta, grads, alpha)
     loss = matching_loss(theta, theta_start, theta_target, merge_branches)
-    grads = dict(zip(syn, autograd.grad(loss, list(syn.values()), allow_unused=True, materialize_grads=True,
-                                        retain_graph=merge_branches)))
+    grads = dict(
+        zip(
+            syn,
+            autograd.grad(
+                loss, list(syn.values()), allow_unused=True, materialize_grads=True, retain_graph=merge_branches
+            ),
+        )
+    )
     if merge_branches:  # the lrs follow their own branch's loss, as in the other modes
         lrs = [syn[key] for key in LR_KEYS.values()]
         branches = matching_loss(theta, theta_start, theta_target, merge_branches=False)

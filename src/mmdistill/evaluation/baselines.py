@@ -1,7 +1,7 @@
 """The baselines a distilled set is compared with: coresets of real pairs and the full training data."""
+
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmdistill.coresets import CORESETS, select_coreset
 from mmdistill.errors import UserError
-from mmdistill.evaluation.student import input_chunks, evaluate_phases
+from mmdistill.evaluation.student import evaluate_phases, input_chunks
 from mmdistill.experts.store import ExpertStore
 from mmdistill.io import read_json
 from mmdistill.metrics import METRICS, embed
@@ -48,8 +48,9 @@ def _correct_history(cfg, bundle: Prepared, store, device) -> torch.Tensor:
     txt2img = torch.tensor(bundle.splits["train"].txt2img, device=device)
     history = []
     for epoch in range(1, store.epochs + 1):
-        image_emb, text_emb = _train_embeddings(cfg, _full_data_model(cfg, bundle, store, epoch, device), bundle,
-                                                device)
+        image_emb, text_emb = _train_embeddings(
+            cfg, _full_data_model(cfg, bundle, store, epoch, device), bundle, device
+        )
         top1 = torch.cat([(chunk @ image_emb.T).argmax(1) for chunk in text_emb.split(SIM_CHUNK)])
         history.append((top1 == txt2img).cpu())
     return torch.stack(history)
@@ -77,8 +78,9 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
     else:
         store = ExpertStore(experts_dir)
         if method == "forgetting":
-            index = select_coreset(method, pairs, generator=gen,
-                                   correct_history=_correct_history(cfg, bundle, store, device))
+            index = select_coreset(
+                method, pairs, generator=gen, correct_history=_correct_history(cfg, bundle, store, device)
+            )
         else:
             model = _full_data_model(cfg, bundle, store, store.epochs, device)
             image_emb, text_emb = _train_embeddings(cfg, model, bundle, device)
@@ -86,9 +88,18 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
             index = select_coreset(method, pairs, generator=gen, features=features)
     index = index.cpu()
     images, texts = bundle.pairs("train", index, cfg.distill.space, cfg.data.image_size)
-    return [{"images": images, "texts": texts, "captions": index,
-             "lr_img": torch.tensor([cfg.experts.lr_img]), "lr_txt": torch.tensor([cfg.experts.lr_txt]),
-             "similarity": "identity", "sim_alpha": 1.0, "space": cfg.distill.space}]
+    return [
+        {
+            "images": images,
+            "texts": texts,
+            "captions": index,
+            "lr_img": torch.tensor([cfg.experts.lr_img]),
+            "lr_txt": torch.tensor([cfg.experts.lr_txt]),
+            "similarity": "identity",
+            "sim_alpha": 1.0,
+            "space": cfg.distill.space,
+        }
+    ]
 
 
 def evaluate_coreset(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -> dict:
@@ -119,8 +130,10 @@ def full_data_metrics(experts_dir) -> dict:
     if "test" not in summary:
         raise UserError(f"{path} has no 'test' entry: train the experts again")
     test, std = summary["test"], summary.get("test_std", {})
-    return {**{m: test[m] for m in METRICS}, "r_mean_std": std.get("r_mean", 0.0),
-            "runs": summary.get("experts", 1), "std": {m: std.get(m, 0.0) for m in METRICS},
-            "protocol": "full data (experts' final epoch)"}
-
-
+    return {
+        **{m: test[m] for m in METRICS},
+        "r_mean_std": std.get("r_mean", 0.0),
+        "runs": summary.get("experts", 1),
+        "std": {m: std.get(m, 0.0) for m in METRICS},
+        "protocol": "full data (experts' final epoch)",
+    }

@@ -1,5 +1,6 @@
 """Results entries and tables: one entry per method (mean/std over runs), its status against random, and the
 `evaluate` command."""
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,8 @@ def mean_std(entry: dict, metric: str) -> tuple[float, float | None]:
     if metric == "r_mean":
         std = entry.get("r_mean_std", std)
     return entry[metric], std
+
+
 # -- command ---------------------------------------------------------------------------------------------
 def results_path(out: Path) -> Path:
     """`--out` names a folder (results.json goes inside) or, ending in .json, the file itself."""
@@ -43,8 +46,10 @@ def format_table(methods: dict) -> str:
         recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
         diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
         status = f"  {method_status(entry, methods)}".rstrip()
-        lines.append(f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
-                     f"{status}{diverged}")
+        lines.append(
+            f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
+            f"{status}{diverged}"
+        )
     notes = failure_notes(methods)
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -64,11 +69,15 @@ def failure_notes(methods: dict) -> list[str]:
     notes, random = [], methods.get("random")
     for name, entry in methods.items():
         for collapse in entry.get("collapsed_phases", []):
-            notes.append(f"{name} FAILED: phase {collapse['phase']} collapsed at iteration {collapse['iteration']}"
-                         f" ({collapse['reason']}); its distilled set is not a result.")
+            notes.append(
+                f"{name} FAILED: phase {collapse['phase']} collapsed at iteration {collapse['iteration']}"
+                f" ({collapse['reason']}); its distilled set is not a result."
+            )
         if random is not None and "collapsed_phases" in entry and entry["r_mean"] < random["r_mean"]:
-            notes.append(f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
-                         " the distilled set is worse than the same number of random real pairs.")
+            notes.append(
+                f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
+                " the distilled set is worse than the same number of random real pairs."
+            )
     return notes
 
 
@@ -76,8 +85,12 @@ def evaluate_distilled(cfg, bundle: Prepared, phases: list[dict]) -> dict:
     """A distilled set's results entry: evaluate_phases with the config's runs and seed, plus the collapse
     records of its phases (`collapsed_phases`, empty when every phase learned), which the tables mark FAILED."""
     entry = evaluate_phases(cfg, bundle, phases, runs=cfg.evaluate.runs, seed=cfg.seed)
-    return {**entry, "collapsed_phases": [{"phase": p, **phase["collapse"]} for p, phase in enumerate(phases)
-                                          if phase.get("collapse")]}
+    return {
+        **entry,
+        "collapsed_phases": [
+            {"phase": p, **phase["collapse"]} for p, phase in enumerate(phases) if phase.get("collapse")
+        ],
+    }
 
 
 def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill") -> dict:
@@ -91,13 +104,20 @@ def evaluate_command(cfg, synthetic: Path, out_path: Path, fmt: str = "mmdistill
     phases = phases_for(distilled, cfg, bundle)
     path = results_path(out_path)
     with folder_lock(path.parent):
-        results = {"preset": cfg.name, "dataset": cfg.data.source, "pairs": sum(len(p["texts"]) for p in phases),
-                   "seed": cfg.seed, "methods": {}, "timing": {"evaluate_s": 0.0}}
+        results = {
+            "preset": cfg.name,
+            "dataset": cfg.data.source,
+            "pairs": sum(len(p["texts"]) for p in phases),
+            "seed": cfg.seed,
+            "methods": {},
+            "timing": {"evaluate_s": 0.0},
+        }
         if path.exists():
             old = read_json(path)
             if any(old.get(k) != results[k] for k in ("preset", "dataset", "pairs", "seed")):
-                raise UserError(f"{path} holds results of another preset, dataset, budget or seed; choose another"
-                                " --out")
+                raise UserError(
+                    f"{path} holds results of another preset, dataset, budget or seed; choose another --out"
+                )
             results.update(methods=old.get("methods", {}), timing=old.get("timing", results["timing"]))
         start = time.perf_counter()
         results["methods"][method] = evaluate_distilled(cfg, bundle, phases)

@@ -8,6 +8,7 @@ the test split is only reported (unless `evaluate.protocol=reference`, labelled 
 Evaluation is kept cheap: validation/test images come from cached frozen features or from pixels already in
 memory, and pixels of synthetic images are pushed through a frozen encoder once per phase, not at every step.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -15,7 +16,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.optim import SGD
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
 EMBED_BATCH = 512  # images or captions per forward pass when embedding a whole split
+
+
 # -- image inputs ----------------------------------------------------------------------------------------
 def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, device) -> torch.Tensor:
     """Images as the student's trained part eats them.
@@ -55,8 +58,9 @@ def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, 
         return torch.cat([model.image_features(chunk.to(device)) for chunk in images.split(EMBED_BATCH)])
 
 
-def input_chunks(model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool,
-                  device) -> Iterator[torch.Tensor]:
+def input_chunks(
+    model: DualEncoder, bundle: Prepared, split: str, image_size: int, cached: bool, device
+) -> Iterator[torch.Tensor]:
     """The student's inputs for every image of a split, EMBED_BATCH images at a time (files decode lazily).
 
     `cached`: the student's frozen encoder is the one the bundle's features were computed with, so the cached
@@ -109,8 +113,13 @@ class _Checkpoints:
         self.model.load_state_dict(best["state"])
         if best["test"] is None:
             best["test"] = self._recall("test")
-        return {"test": best["test"], "val": best["val"], "phase": best["phase"], "epoch": best["epoch"],
-                "curve": self.curve}
+        return {
+            "test": best["test"],
+            "val": best["val"],
+            "phase": best["phase"],
+            "epoch": best["epoch"],
+            "curve": self.curve,
+        }
 
 
 def _check_phases(cfg, phases: list[dict], encoder_name: str, cross: bool) -> None:
@@ -118,21 +127,27 @@ def _check_phases(cfg, phases: list[dict], encoder_name: str, cross: bool) -> No
         if phase["images"].dim() != 2:
             continue
         if cross:
-            raise UserError(f"cross-architecture evaluation (image encoder {encoder_name!r}) needs pixel-space "
-                            f"synthetic data, but phase {p} holds image features (distill.space=feature)")
+            raise UserError(
+                f"cross-architecture evaluation (image encoder {encoder_name!r}) needs pixel-space "
+                f"synthetic data, but phase {p} holds image features (distill.space=feature)"
+            )
         if cfg.model.image_trainable:
             raise UserError(f"phase {p} holds image features, which need model.image_trainable=false")
 
 
 def _optimizer(cfg, model: DualEncoder, lrs: list[float]) -> SGD | None:
     """SGD over the student's two groups at `lrs` (image side, text projection); None for an lr that is not a
-    finite number >= 0 (a learned lr the reference never clips can go negative): such a student has diverged before it starts."""
+    finite number >= 0 (a learned lr the reference never clips can go negative): such a student has
+    diverged before it starts."""
     if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
         return None
     named = dict(model.named_parameters())
     groups = [[named[n] for n in model.layouts[g].names] for g in GROUPS]  # 'img' includes the image projection
-    return SGD([{"params": params, "lr": lr} for params, lr in zip(groups, lrs)],
-               momentum=cfg.evaluate.momentum, weight_decay=cfg.evaluate.weight_decay)
+    return SGD(
+        [{"params": params, "lr": lr} for params, lr in zip(groups, lrs)],
+        momentum=cfg.evaluate.momentum,
+        weight_decay=cfg.evaluate.weight_decay,
+    )
 
 
 def _epoch(cfg, model: DualEncoder, phase: dict, optimizer: SGD, gen: torch.Generator, device) -> bool:
@@ -156,12 +171,23 @@ def _epoch(cfg, model: DualEncoder, phase: dict, optimizer: SGD, gen: torch.Gene
 
 def _with_inputs(model: DualEncoder, bundle: Prepared, phase: dict, device) -> dict:
     """The phase with its images and texts as the student eats them, on the device."""
-    return {**phase, "student_images": _student_inputs(model, bundle, phase["images"], device).to(device),
-            "student_texts": phase["texts"].to(device)}
+    return {
+        **phase,
+        "student_images": _student_inputs(model, bundle, phase["images"], device).to(device),
+        "student_texts": phase["texts"].to(device),
+    }
 
 
-def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int, checkpoints: _Checkpoints,
-                 gen: torch.Generator, device) -> bool:
+def _train_phase(
+    cfg,
+    model: DualEncoder,
+    bundle: Prepared,
+    phase: dict,
+    p: int,
+    checkpoints: _Checkpoints,
+    gen: torch.Generator,
+    device,
+) -> bool:
     """Train the student on one synthetic set with its own (EMA) lrs and a fresh optimizer; False when it
     diverged (then it stops at once)."""
     ev = cfg.evaluate
@@ -184,8 +210,15 @@ def _train_phase(cfg, model: DualEncoder, bundle: Prepared, phase: dict, p: int,
     return True
 
 
-def _train_reference(cfg, model: DualEncoder, bundle: Prepared, phases: list[dict], checkpoints: _Checkpoints,
-                     gen: torch.Generator, device) -> bool:
+def _train_reference(
+    cfg,
+    model: DualEncoder,
+    bundle: Prepared,
+    phases: list[dict],
+    checkpoints: _Checkpoints,
+    gen: torch.Generator,
+    device,
+) -> bool:
     """The reference's evaluation loop (`evaluate_synset_PTM`, spec 7), for `evaluate.protocol=reference`.
 
     One optimizer for all phases, at the live lrs of the last phase (its distillation's final lrs, not their
@@ -197,8 +230,11 @@ def _train_reference(cfg, model: DualEncoder, bundle: Prepared, phases: list[dic
     ev = cfg.evaluate
     lrs, live = live_lrs(phases[-1])
     if not live:
-        logger.warning("the distilled set carries no live lrs (written before format 1.1, or by another code"
-                       " base): the reference protocol trains with its saved lrs %s", lrs)
+        logger.warning(
+            "the distilled set carries no live lrs (written before format 1.1, or by another code"
+            " base): the reference protocol trains with its saved lrs %s",
+            lrs,
+        )
     optimizer = _optimizer(cfg, model, lrs)
     if optimizer is None:
         return False
@@ -228,19 +264,32 @@ def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_e
     return _train_student(cfg, bundle, phases, seed, image_encoder)[1]
 
 
-def _train_student(cfg, bundle: Prepared, phases: list[dict], seed: int,
-                   image_encoder: str | None) -> tuple[DualEncoder, dict]:
+def _train_student(
+    cfg, bundle: Prepared, phases: list[dict], seed: int, image_encoder: str | None
+) -> tuple[DualEncoder, dict]:
     """train_and_test's student, left in the state of the checkpoint the protocol selected, and its result."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     encoder_name = image_encoder or cfg.evaluate.image_encoder or cfg.model.image_encoder
     cross = encoder_name != cfg.model.image_encoder
     _check_phases(cfg, phases, encoder_name, cross)
-    model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=seed,
-                        device=device, image_encoder=encoder_name)
+    model = build_model(
+        cfg.model,
+        text_dim=bundle.text_dim,
+        image_size=cfg.data.image_size,
+        seed=seed,
+        device=device,
+        image_encoder=encoder_name,
+    )
     cached = not model.image_trainable and not cross
-    splits = {name: (torch.cat(list(input_chunks(model, bundle, name, cfg.data.image_size, cached, device))),
-                     bundle.texts[name], bundle.splits[name]) for name in ("validation", "test")}
+    splits = {
+        name: (
+            torch.cat(list(input_chunks(model, bundle, name, cfg.data.image_size, cached, device))),
+            bundle.texts[name],
+            bundle.splits[name],
+        )
+        for name in ("validation", "test")
+    }
     checkpoints = _Checkpoints(model, splits, cfg.evaluate.protocol, device)
     gen = generator(seed, "eval-batches")
     diverged = False
@@ -257,8 +306,9 @@ def _train_student(cfg, bundle: Prepared, phases: list[dict], seed: int,
     return model, {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
 
 
-def train_student(distilled, cfg=None, *, seed: int | None = None, device: str | None = None,
-                  image_encoder: str | None = None) -> DualEncoder:
+def train_student(
+    distilled, cfg=None, *, seed: int | None = None, device: str | None = None, image_encoder: str | None = None
+) -> DualEncoder:
     """Train a fresh student on a distilled set (`synthetic.load_distilled`) as `evaluate` trains each of its runs.
 
     `cfg`: the config to train under; by default the one the set was distilled with (a set from another code base
@@ -268,11 +318,11 @@ def train_student(distilled, cfg=None, *, seed: int | None = None, device: str |
     """
     from omegaconf import OmegaConf
 
-
     if cfg is None:
         if "config" not in distilled.meta:
-            raise UserError(f"{distilled.source} carries no mmdistill config: pass cfg, e.g."
-                            " mmdistill.config.load_config(PRESET)")
+            raise UserError(
+                f"{distilled.source} carries no mmdistill config: pass cfg, e.g. mmdistill.config.load_config(PRESET)"
+            )
         cfg = from_dict(distilled.meta["config"])
     cfg = with_run_method(cfg, distilled.meta)
     if device is not None:
@@ -291,12 +341,20 @@ def summarize_runs(per_run: list[dict], protocol: str) -> dict:
     """Mean and sample standard deviation over runs of each test metric (one results.json entry)."""
     std = {m: statistics.stdev([r["test"][m] for r in per_run]) if len(per_run) > 1 else 0.0 for m in METRICS}
     means = {m: statistics.fmean(r["test"][m] for r in per_run) for m in METRICS}
-    return {**means, "r_mean_std": std["r_mean"], "runs": len(per_run), "std": std, "protocol": PROTOCOLS[protocol],
-            "diverged": sum(r["diverged"] for r in per_run), "per_run": per_run}
+    return {
+        **means,
+        "r_mean_std": std["r_mean"],
+        "runs": len(per_run),
+        "std": std,
+        "protocol": PROTOCOLS[protocol],
+        "diverged": sum(r["diverged"] for r in per_run),
+        "per_run": per_run,
+    }
 
 
-def evaluate_phases(cfg, bundle: Prepared, phases: list[dict], *, runs: int, seed: int,
-                    image_encoder: str | None = None) -> dict:
+def evaluate_phases(
+    cfg, bundle: Prepared, phases: list[dict], *, runs: int, seed: int, image_encoder: str | None = None
+) -> dict:
     """`runs` students with seeds derived from `seed`, so every method meets the same initialisations."""
     per_run = [train_and_test(cfg, bundle, phases, derive_seed(seed, "eval", r), image_encoder) for r in range(runs)]
     return summarize_runs(per_run, cfg.evaluate.protocol)
@@ -326,5 +384,3 @@ def with_run_method(cfg, meta: dict):
     for key, value in changed.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
-
-

@@ -1,9 +1,10 @@
 """Interop with the reference code's replay buffers: import them as experts, export experts in their layout."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "{group}_replay_buffer_{n}.pt"
 REFERENCE_WINDOWS = (6, 8)  # snapshots in PTM-ST's convexified_0_6 / convexified_0_8 copies
+
+
 def _check_reference(path: Path, data) -> list[list[list[torch.Tensor]]]:
     """The trajectories of one reference file, or a UserError saying what is wrong with it."""
     if not isinstance(data, (list, tuple)) or not data:
@@ -33,8 +36,11 @@ def _check_reference(path: Path, data) -> list[list[list[torch.Tensor]]]:
             raise UserError(f"{path}: trajectory {k} is not a list of at least 2 snapshots")
         shapes = None
         for s, snapshot in enumerate(trajectory):
-            ok = isinstance(snapshot, (list, tuple)) and snapshot and all(
-                isinstance(t, torch.Tensor) and t.dtype in DTYPES.values() for t in snapshot)
+            ok = (
+                isinstance(snapshot, (list, tuple))
+                and snapshot
+                and all(isinstance(t, torch.Tensor) and t.dtype in DTYPES.values() for t in snapshot)
+            )
             if not ok:
                 raise UserError(f"{path}: trajectory {k}, snapshot {s} is not a list of float tensors")
             if shapes is None:
@@ -76,8 +82,10 @@ def import_reference(source: Path, out: Path, fmt: str = "reference") -> None:
             raise UserError(f"{paths['img']} has no partner file {paths['txt']}")
         buffers = {g: _load_reference(paths[g]) for g in GROUPS}
         if len(buffers["img"]) != len(buffers["txt"]):
-            raise UserError(f"{paths['img']} holds {len(buffers['img'])} trajectories but {paths['txt']} holds"
-                            f" {len(buffers['txt'])}")
+            raise UserError(
+                f"{paths['img']} holds {len(buffers['img'])} trajectories but {paths['txt']} holds"
+                f" {len(buffers['txt'])}"
+            )
         for position, pair in enumerate(zip(buffers["img"], buffers["txt"])):
             trajectories = dict(zip(GROUPS, pair))
             layouts = {g: _reference_layout([t.shape for t in trajectories[g][0]]) for g in GROUPS}
@@ -85,14 +93,22 @@ def import_reference(source: Path, out: Path, fmt: str = "reference") -> None:
             header = (layouts_json(layouts), len(pair[0]), len(pair[1]), dtypes)
             first_header = first_header or header
             if header != first_header:
-                raise UserError(f"{paths['img']}: trajectory {position} differs from the first one in parameter"
-                                " shapes, snapshot count or dtype")
-            flat = {g: torch.stack([torch.cat([t.reshape(-1) for t in snap]) for snap in trajectories[g]])
-                    for g in GROUPS}
+                raise UserError(
+                    f"{paths['img']}: trajectory {position} differs from the first one in parameter"
+                    " shapes, snapshot count or dtype"
+                )
+            flat = {
+                g: torch.stack([torch.cat([t.reshape(-1) for t in snap]) for snap in trajectories[g]]) for g in GROUPS
+            }
             dtype = next(name for name, d in DTYPES.items() if d == flat["img"].dtype)
-            write_expert(expert_path(out, index), flat,
-                         {g: trajectory_step_norms(flat[g], layouts[g]) for g in GROUPS}, layouts, dtype,
-                         {"source": str(source), "reference_file": n, "reference_position": position})
+            write_expert(
+                expert_path(out, index),
+                flat,
+                {g: trajectory_step_norms(flat[g], layouts[g]) for g in GROUPS},
+                layouts,
+                dtype,
+                {"source": str(source), "reference_file": n, "reference_position": position},
+            )
             index += 1
         n += 1
     logger.info("imported %d experts from %d reference file pairs in %s into %s", index, n, source, out)
@@ -114,8 +130,10 @@ def write_reference(store: ExpertStore, out: Path, trajectory_of: Callable[[int]
         trajectories = [trajectory_of(e) for e in experts]
         for g in GROUPS:
             layout = store.layouts[g]
-            content = [[[t.clone() for t in layout.unflatten(row).values()] for row in trajectory[g]]
-                       for trajectory in trajectories]
+            content = [
+                [[t.clone() for t in layout.unflatten(row).values()] for row in trajectory[g]]
+                for trajectory in trajectories
+            ]
             save_torch(content, Path(out) / REFERENCE_FILE.format(group=g, n=n))
 
 
@@ -127,4 +145,3 @@ def export_reference(experts_dir: Path, out: Path, snapshots: tuple[int, int] | 
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-

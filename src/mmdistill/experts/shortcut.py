@@ -6,6 +6,7 @@ is beta_l(t) = sum_{p<t} n_{p,l} / sum_{p<K} n_{p,l}, with n_{p,l} = ||theta_l^{
 Experts store the n_{p,l}, so a shortcut point needs only the two endpoint rows. Windows here are inclusive at
 both ends: the reference's `convexify --start 0 --end 6` (end exclusive) is our start 0, end 5.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,9 @@ from mmdistill.model import GROUPS, ParamLayout
 logger = logging.getLogger(__name__)
 
 
-def shortcut_window(first: torch.Tensor, last: torch.Tensor, step_norms: torch.Tensor, layout: ParamLayout,
-                    t: int) -> torch.Tensor:
+def shortcut_window(
+    first: torch.Tensor, last: torch.Tensor, step_norms: torch.Tensor, layout: ParamLayout, t: int
+) -> torch.Tensor:
     """Point t (0..K) of the shortcut from `first` to `last`, whose real path took the K steps in `step_norms`.
 
     `step_norms` is [K, n_tensors]; a tensor that never moved (total norm 0) stays at `first`. The endpoints are
@@ -48,8 +50,15 @@ def shortcut_trajectory(store: ExpertStore, expert: int, start: int, end: int) -
         raise UserError(f"bad shortcut window {start}..{end}: need 0 <= start < end")
     first, last = store.snapshot(expert, start), store.snapshot(expert, end)
     norms = store.step_norms(expert)
-    return {g: torch.stack([shortcut_window(first[g], last[g], norms[g][start:end], store.layouts[g], t)
-                            for t in range(end - start + 1)]) for g in GROUPS}
+    return {
+        g: torch.stack(
+            [
+                shortcut_window(first[g], last[g], norms[g][start:end], store.layouts[g], t)
+                for t in range(end - start + 1)
+            ]
+        )
+        for g in GROUPS
+    }
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str | None) -> dict[str, torch.Tensor]:
@@ -61,16 +70,23 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str | Non
     return {g: t.pin_memory().to(device, non_blocking=True) for g, t in tensors.items()}
 
 
-def matching_pair(store: ExpertStore, expert: int, start_epoch: int, expert_epochs: int,
-                  shortcut_end: int | None, device: torch.device | str | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def matching_pair(
+    store: ExpertStore,
+    expert: int,
+    start_epoch: int,
+    expert_epochs: int,
+    shortcut_end: int | None,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(theta_start, theta_target) float32 per group, on `device` (default: the CPU): snapshots s and s + M of
     the plain trajectory, or of the shortcut over window 0..shortcut_end (reads only rows 0 and shortcut_end
     plus the step norms; the shortcut points are computed on `device`)."""
     target_epoch = start_epoch + expert_epochs
     if shortcut_end is None:
-        return (to_device(store.snapshot(expert, start_epoch), device),
-                to_device(store.snapshot(expert, target_epoch), device))
+        return (
+            to_device(store.snapshot(expert, start_epoch), device),
+            to_device(store.snapshot(expert, target_epoch), device),
+        )
     first, last = to_device(store.snapshot(expert, 0), device), to_device(store.snapshot(expert, shortcut_end), device)
     norms = store.step_norms(expert)
 
@@ -88,8 +104,9 @@ def export_shortcut(experts_dir: Path, out: Path, start: int, end: int, fmt: str
     """
     store = ExpertStore(experts_dir)
     if not 0 <= start < end <= store.epochs:
-        raise UserError(f"bad shortcut window {start}..{end}: need 0 <= start < end <= {store.epochs} (the experts'"
-                        " epochs)")
+        raise UserError(
+            f"bad shortcut window {start}..{end}: need 0 <= start < end <= {store.epochs} (the experts' epochs)"
+        )
     out = Path(out)
     if fmt == "reference":
         write_reference(store, out, lambda e: shortcut_trajectory(store, e, start, end))
@@ -98,8 +115,12 @@ def export_shortcut(experts_dir: Path, out: Path, start: int, end: int, fmt: str
         for expert in range(len(store)):
             trajectory = shortcut_trajectory(store, expert, start, end)
             norms = {g: trajectory_step_norms(trajectory[g], store.layouts[g]) for g in GROUPS}
-            metadata = {**store.metadata(expert), "fingerprint": "", "shortcut_of": str(experts_dir),
-                        "shortcut_window": f"{start},{end}"}
+            metadata = {
+                **store.metadata(expert),
+                "fingerprint": "",
+                "shortcut_of": str(experts_dir),
+                "shortcut_window": f"{start},{end}",
+            }
             write_expert(expert_path(out, expert), trajectory, norms, store.layouts, store.dtype, metadata)
     else:
         raise UserError(f"unknown shortcut format {fmt!r}; choose native or reference")

@@ -1,5 +1,6 @@
 """The expert trajectory file contract: one safetensors file per expert (flat snapshots per parameter group,
 per-tensor step norms, layouts and metadata), written and read only through this module."""
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,14 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXPERT_FILE = re.compile(r"expert-(\d+)\.safetensors")
+
+
 def expert_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"expert-{index:04d}.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ file format
+
 
 def tensor_norms(delta: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     """L2 norm of each parameter tensor in flat vectors: [..., P] -> [..., n_tensors], float32."""
@@ -34,12 +38,18 @@ def tensor_norms(delta: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
 
 def trajectory_step_norms(trajectory: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     """Per-tensor step norms of a [S, P] trajectory: [S-1, n_tensors]."""
-    return torch.stack([tensor_norms(trajectory[p + 1].float() - trajectory[p].float(), layout)
-                        for p in range(trajectory.shape[0] - 1)])
+    return torch.stack(
+        [
+            tensor_norms(trajectory[p + 1].float() - trajectory[p].float(), layout)
+            for p in range(trajectory.shape[0] - 1)
+        ]
+    )
 
 
 def layouts_json(layouts: dict[str, ParamLayout]) -> str:
-    return json.dumps({g: {"names": list(l.names), "shapes": [list(s) for s in l.shapes]} for g, l in layouts.items()})
+    return json.dumps(
+        {g: {"names": list(lay.names), "shapes": [list(s) for s in lay.shapes]} for g, lay in layouts.items()}
+    )
 
 
 def parse_layouts(text: str) -> dict[str, ParamLayout]:
@@ -47,13 +57,24 @@ def parse_layouts(text: str) -> dict[str, ParamLayout]:
     return {g: ParamLayout(tuple(raw[g]["names"]), tuple(tuple(s) for s in raw[g]["shapes"])) for g in GROUPS}
 
 
-def write_expert(path: Path, trajectories: dict[str, torch.Tensor], step_norms: dict[str, torch.Tensor],
-                 layouts: dict[str, ParamLayout], dtype: str, metadata: dict) -> None:
+def write_expert(
+    path: Path,
+    trajectories: dict[str, torch.Tensor],
+    step_norms: dict[str, torch.Tensor],
+    layouts: dict[str, ParamLayout],
+    dtype: str,
+    metadata: dict,
+) -> None:
     """Write one expert file atomically: trajectories [S, P] per group cast to `dtype`, float32 step norms."""
     tensors = {g: trajectories[g].to(DTYPES[dtype]) for g in GROUPS}
     tensors.update({f"step_norms_{g}": step_norms[g].float() for g in GROUPS})
-    header = {**metadata, "epochs": trajectories["img"].shape[0] - 1, "dtype": dtype, "version": __version__,
-              "layouts": layouts_json(layouts)}
+    header = {
+        **metadata,
+        "epochs": trajectories["img"].shape[0] - 1,
+        "dtype": dtype,
+        "version": __version__,
+        "layouts": layouts_json(layouts),
+    }
     save_tensors(tensors, path, {k: str(v) for k, v in header.items()})
 
 
@@ -83,8 +104,9 @@ class ExpertStore:
         first = self._metadata[0]
         for path, meta in zip(self.paths[1:], self._metadata[1:]):
             if (meta["layouts"], meta["epochs"]) != (first["layouts"], first["epochs"]):
-                raise UserError(f"{path} does not match {self.paths[0]} (other model or epochs); keep one set of"
-                                " experts per folder")
+                raise UserError(
+                    f"{path} does not match {self.paths[0]} (other model or epochs); keep one set of experts per folder"
+                )
         self.layouts = parse_layouts(first["layouts"])
         self.epochs = int(first["epochs"])
         self.dtype = first["dtype"]
@@ -130,4 +152,3 @@ class ExpertStore:
 
 
 # ---------------------------------------------------------------------------------------------- training
-

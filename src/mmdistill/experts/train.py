@@ -10,6 +10,7 @@ the layouts, the training history and a fingerprint of the config keys that shap
 `import_reference` / `export_reference` convert from / to the PTM-ST reference layout
 (`{img,txt}_replay_buffer_{n}.pt`: a list of trajectories, each a list of snapshots, each a list of tensors).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,12 @@ def _flip(cfg, bundle) -> bool:
 def _loader(split, transform, order: list[int], batch_size: int, seed: int | None = None) -> DataLoader:
 
     seeded = None if seed is None else torch.Generator().manual_seed(seed)
-    return DataLoader(Subset(ImageDataset(split, transform), order), batch_size=batch_size,
-                      num_workers=LOADER_WORKERS, generator=seeded)
+    return DataLoader(
+        Subset(ImageDataset(split, transform), order),
+        batch_size=batch_size,
+        num_workers=LOADER_WORKERS,
+        generator=seeded,
+    )
 
 
 def _batches(loader: DataLoader):
@@ -77,8 +82,7 @@ def _batches(loader: DataLoader):
     try:
         yield from loader
     except UserError as err:
-        raise UserError(str(err).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")) \
-            from None
+        raise UserError(str(err).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")) from None
 
 
 def _epoch_batches(cfg, bundle, rng: torch.Generator, device: torch.device):
@@ -131,16 +135,25 @@ def _image_inputs(cfg, bundle, split_name: str, batch_size: int):
 def retrieval_recall(model, cfg, bundle, split_name: str, device: torch.device, batch_size: int = 256) -> dict:
     """Retrieval metrics of an expert on a split; an expert whose embeddings are no longer finite has diverged."""
     split = bundle.splits[split_name]
-    metrics = model_recall(model, _image_inputs(cfg, bundle, split_name, batch_size), bundle.texts[split_name],
-                           split.img2txt, split.txt2img, device)
+    metrics = model_recall(
+        model,
+        _image_inputs(cfg, bundle, split_name, batch_size),
+        bundle.texts[split_name],
+        split.img2txt,
+        split.txt2img,
+        device,
+    )
     if metrics is None:
-        raise UserError(f"an expert diverged (non-finite embeddings on the {split_name} split): lower experts.lr_img"
-                        f" ({cfg.experts.lr_img}) or experts.lr_txt ({cfg.experts.lr_txt})")
+        raise UserError(
+            f"an expert diverged (non-finite embeddings on the {split_name} split): lower experts.lr_img"
+            f" ({cfg.experts.lr_img}) or experts.lr_txt ({cfg.experts.lr_txt})"
+        )
     return metrics
 
 
-def _train_epoch(model, optimizer, loss_fn, batches, texts: torch.Tensor, device: torch.device, bar,
-                 where: str) -> float:
+def _train_epoch(
+    model, optimizer, loss_fn, batches, texts: torch.Tensor, device: torch.device, bar, where: str
+) -> float:
     """One pass over `batches` with the identity target; returns the mean loss per pair."""
     total, count = 0.0, 0
     for images, ids in batches:
@@ -162,13 +175,23 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
     """Train expert `index` and write its file. All its randomness (init, shuffles, augmentation, dropout)
     derives from (cfg.seed, index), so any expert can be retrained alone and comes out identical."""
     ec = cfg.experts
-    model = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size,
-                        seed=derive_seed(cfg.seed, "expert", index), device=device)
+    model = build_model(
+        cfg.model,
+        text_dim=bundle.text_dim,
+        image_size=cfg.data.image_size,
+        seed=derive_seed(cfg.seed, "expert", index),
+        device=device,
+    )
     named = dict(model.named_parameters())
     optimizer = torch.optim.SGD(
-        [{"params": [named[n] for n in model.layouts["img"].names], "lr": ec.lr_img},
-         {"params": [named[n] for n in model.layouts["txt"].names], "lr": ec.lr_txt}],
-        lr=ec.lr_img, momentum=ec.momentum, weight_decay=ec.weight_decay)
+        [
+            {"params": [named[n] for n in model.layouts["img"].names], "lr": ec.lr_img},
+            {"params": [named[n] for n in model.layouts["txt"].names], "lr": ec.lr_txt},
+        ],
+        lr=ec.lr_img,
+        momentum=ec.momentum,
+        weight_decay=ec.weight_decay,
+    )
     rng = generator(cfg.seed, "expert", index, "data")
     texts = bundle.texts["train"].to(device)
     log = out_dir / "experts.jsonl"
@@ -179,36 +202,69 @@ def train_expert(cfg, bundle, index: int, out_dir: Path, device: torch.device) -
     append_jsonl(log, {"expert": index, "split": "validation", **history[0]})
     batches_per_epoch = -(-len(bundle.splits["train"].captions) // ec.batch_size)
     cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), \
-            progress_bar(total=ec.epochs * batches_per_epoch, desc=f"expert {index}", unit="batch", leave=False,
-                 position=distributed.rank()) as bar:
+    with (
+        torch.random.fork_rng(devices=cuda_devices),
+        progress_bar(
+            total=ec.epochs * batches_per_epoch,
+            desc=f"expert {index}",
+            unit="batch",
+            leave=False,
+            position=distributed.rank(),
+        ) as bar,
+    ):
         torch.manual_seed(derive_seed(cfg.seed, "expert", index, "dropout"))
         model.train()
         for epoch in range(1, ec.epochs + 1):
             start = time.perf_counter()
-            loss = _train_epoch(model, optimizer, LOSSES[ec.loss], _epoch_batches(cfg, bundle, rng, device), texts,
-                                device, bar, where=f"expert {index} in epoch {epoch}")
+            loss = _train_epoch(
+                model,
+                optimizer,
+                LOSSES[ec.loss],
+                _epoch_batches(cfg, bundle, rng, device),
+                texts,
+                device,
+                bar,
+                where=f"expert {index} in epoch {epoch}",
+            )
             seconds = time.perf_counter() - start
             flat = {g: v.cpu() for g, v in model.get_flat().items()}
             norms.append({g: tensor_norms(flat[g] - snapshots[-1][g], model.layouts[g]) for g in GROUPS})
             snapshots.append(flat)
-            record = {"epoch": epoch, "loss": loss, "seconds": seconds,
-                      **retrieval_recall(model, cfg, bundle, "validation", device)}
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "seconds": seconds,
+                **retrieval_recall(model, cfg, bundle, "validation", device),
+            }
             history.append(record)
             append_jsonl(log, {"expert": index, "split": "validation", **record})
             log_scalars(f"experts/expert-{index}", {"loss": loss, "val_r_mean": record["r_mean"]}, epoch)
     test = retrieval_recall(model, cfg, bundle, "test", device)
     append_jsonl(log, {"expert": index, "split": "test", "epoch": ec.epochs, **test})
-    logger.info("expert %d: val r_mean %.2f, test r_mean %.2f, %.2f s/epoch", index, history[-1]["r_mean"],
-                test["r_mean"], statistics.fmean(r["seconds"] for r in history[1:]))
+    logger.info(
+        "expert %d: val r_mean %.2f, test r_mean %.2f, %.2f s/epoch",
+        index,
+        history[-1]["r_mean"],
+        test["r_mean"],
+        statistics.fmean(r["seconds"] for r in history[1:]),
+    )
     write_expert(
         expert_path(out_dir, index),
         {g: torch.stack([s[g] for s in snapshots]) for g in GROUPS},
         {g: torch.stack([n[g] for n in norms]) for g in GROUPS},
-        model.layouts, ec.dtype,
-        {"preset": cfg.name, "seed": cfg.seed, "expert": index, "image_trainable": cfg.model.image_trainable,
-         "fingerprint": config_fingerprint(cfg), "config_keys": json.dumps(expert_keys(cfg)),
-         "history": json.dumps(history), "test": json.dumps(test)})
+        model.layouts,
+        ec.dtype,
+        {
+            "preset": cfg.name,
+            "seed": cfg.seed,
+            "expert": index,
+            "image_trainable": cfg.model.image_trainable,
+            "fingerprint": config_fingerprint(cfg),
+            "config_keys": json.dumps(expert_keys(cfg)),
+            "history": json.dumps(history),
+            "test": json.dumps(test),
+        },
+    )
 
 
 def _is_done(path: Path, cfg, restart: bool) -> bool:
@@ -224,8 +280,10 @@ def _is_done(path: Path, cfg, restart: bool) -> bool:
         return False
     saved = json.loads(metadata["config_keys"]) if "config_keys" in metadata else None
     differ = changed_keys(saved, expert_keys(cfg)) if saved is not None else "not recorded in this older file"
-    raise UserError(f"{path} was trained with other settings ({differ}); undo the change, use a new --out, or"
-                    " retrain with --restart")
+    raise UserError(
+        f"{path} was trained with other settings ({differ}); undo the change, use a new --out, or"
+        " retrain with --restart"
+    )
 
 
 def _mean_std(values: list[dict]) -> tuple[dict, dict]:
@@ -267,8 +325,10 @@ def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
     """
 
     out_dir = Path(out_dir)
-    with distributed.process_group(cfg.device) as (rank, world), \
-            folder_lock(out_dir) if distributed.is_main() else contextlib.nullcontext():
+    with (
+        distributed.process_group(cfg.device) as (rank, world),
+        folder_lock(out_dir) if distributed.is_main() else contextlib.nullcontext(),
+    ):
         out_dir.mkdir(parents=True, exist_ok=True)
         todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), cfg, restart)]
         mine = distributed.shard(todo)
@@ -282,9 +342,14 @@ def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
         distributed.barrier()
         if distributed.is_main():
             summary = summarize(out_dir, cfg.experts.count)
-            logger.info("%d experts in %s: test r_mean %.2f (std %.2f), %.2f s/epoch", cfg.experts.count, out_dir,
-                        summary["test"]["r_mean"], summary["test_std"]["r_mean"], summary["seconds_per_epoch"])
+            logger.info(
+                "%d experts in %s: test r_mean %.2f (std %.2f), %.2f s/epoch",
+                cfg.experts.count,
+                out_dir,
+                summary["test"]["r_mean"],
+                summary["test_std"]["r_mean"],
+                summary["seconds_per_epoch"],
+            )
 
 
 # ----------------------------------------------------------------------------------- the reference layout
-

@@ -5,6 +5,7 @@ files, image grids and captions, an optional recall curve) and writes `report.md
 `report.html` (figures inlined as base64 PNG, CSS inline, nothing fetched) and the PNGs in `figures/`.
 Plots that need missing inputs are left out and the report says why.
 """
+
 from __future__ import annotations
 
 import base64
@@ -53,8 +54,7 @@ def markdown_table(methods: dict) -> str:
     lines = ["| method | " + " | ".join(METRICS) + " | runs | status |", "|---" * (len(METRICS) + 3) + "|"]
     for name, entry in methods.items():
         cells = [f"**{_cell(entry, m)}**" if name in best[m] else _cell(entry, m) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_runs(entry)} |"
-                     f" {method_status(entry, methods)} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_runs(entry)} | {method_status(entry, methods)} |")
     return "\n".join(lines)
 
 
@@ -63,16 +63,19 @@ def _html_table(methods: dict) -> str:
     head = "".join(f"<th>{m}</th>" for m in METRICS)
     rows = []
     for name, entry in methods.items():
-        cells = "".join(f"<td class=\"best\">{_cell(entry, m)}</td>" if name in best[m]
-                        else f"<td>{_cell(entry, m)}</td>" for m in METRICS)
-        swatch = f"<span class=\"swatch\" style=\"background:{colour(name)}\"></span>"
-        css = " class=\"reference\"" if name == REFERENCE else ""
+        cells = "".join(
+            f'<td class="best">{_cell(entry, m)}</td>' if name in best[m] else f"<td>{_cell(entry, m)}</td>"
+            for m in METRICS
+        )
+        swatch = f'<span class="swatch" style="background:{colour(name)}"></span>'
+        css = ' class="reference"' if name == REFERENCE else ""
         status = method_status(entry, methods)
-        status_cell = f"<td class=\"failed\">{status}</td>" if status else "<td></td>"
-        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{_runs(entry)}</td>"
-                    f"{status_cell}</tr>")
-    return (f"<table class=\"results\"><thead><tr><th>method</th>{head}<th>runs</th><th>status</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+        status_cell = f'<td class="failed">{status}</td>' if status else "<td></td>"
+        rows.append(f"<tr{css}><th>{swatch}{html.escape(name)}</th>{cells}<td>{_runs(entry)}</td>{status_cell}</tr>")
+    return (
+        f'<table class="results"><thead><tr><th>method</th>{head}<th>runs</th><th>status</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _timing_rows(results: dict) -> list[tuple[str, float, bool]]:
@@ -82,6 +85,7 @@ def _timing_rows(results: dict) -> list[tuple[str, float, bool]]:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -121,15 +125,17 @@ class _Document:
 
     def note(self, text: str) -> None:
         self.md.append(f"{text}\n")
-        self.html.append(f"<p class=\"note\">{html.escape(text)}</p>")
+        self.html.append(f'<p class="note">{html.escape(text)}</p>')
 
     def figure(self, path: Path, caption: str, css_class: str = "plot") -> None:
         relative = path.relative_to(self.run_dir).as_posix()
         data = base64.b64encode(path.read_bytes()).decode()
         self.md.append(f"![{caption}]({relative})\n\n*{caption}*\n")
-        self.html.append(f"<figure class=\"{css_class}\"><img alt=\"{html.escape(caption)}\""
-                         f" src=\"data:image/png;base64,{data}\">"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.html.append(
+            f'<figure class="{css_class}"><img alt="{html.escape(caption)}"'
+            f' src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
 
     def raw(self, markdown: str, html_text: str) -> None:
         self.md.append(markdown + "\n")
@@ -137,6 +143,7 @@ class _Document:
 
     def table(self, header: list[str], rows: list[list], css_class: str) -> None:
         """A plain table of text cells (escaped in HTML, pipes replaced in Markdown)."""
+
         def md_row(cells):
             return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
@@ -144,12 +151,15 @@ class _Document:
             return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
 
         self.md.append("\n".join([md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]) + "\n")
-        self.html.append(f"<table class=\"{css_class}\"><thead>{html_row(header, 'th')}</thead><tbody>"
-                         + "".join(html_row(r, "td") for r in rows) + "</tbody></table>")
+        self.html.append(
+            f'<table class="{css_class}"><thead>{html_row(header, "th")}</thead><tbody>'
+            + "".join(html_row(r, "td") for r in rows)
+            + "</tbody></table>"
+        )
 
     def begin(self, css_class: str) -> None:
         """Lay out what follows side by side in the HTML (until `end`); Markdown stays linear."""
-        self.html.append(f"<div class=\"{css_class}\">")
+        self.html.append(f'<div class="{css_class}">')
 
     def end(self) -> None:
         self.html.append("</div>")
@@ -160,8 +170,10 @@ def _protocol_note(methods: dict) -> str:
     protocols = sorted({e["protocol"] for e in methods.values() if e.get("protocol")})
     note = f"Protocol: {'; '.join(protocols)}." if protocols else ""
     if any(p.startswith("reference") for p in protocols):
-        note += (" The reference protocol picks the epoch on the test split (as the published code does): biased"
-                 " upward, for comparison with published numbers only.")
+        note += (
+            " The reference protocol picks the epoch on the test split (as the published code does): biased"
+            " upward, for comparison with published numbers only."
+        )
     coreset_lrs = [f"{name} {entry['lr']:g}" for name, entry in methods.items() if entry.get("lr") is not None]
     if coreset_lrs:
         note += f" Coresets train at the lr that is best on validation ({', '.join(coreset_lrs)})."
@@ -178,10 +190,12 @@ def write_report(run_dir: Path, results: dict) -> None:
 
     doc.heading("Retrieval on the test split")
     for warning in failure_notes(methods):
-        doc.raw(f"**Warning:** {warning}", f"<p class=\"warning\">{html.escape(warning)}</p>")
+        doc.raw(f"**Warning:** {warning}", f'<p class="warning">{html.escape(warning)}</p>')
     doc.raw(markdown_table(methods), _html_table(methods))
-    doc.note("Mean ± std over the evaluation runs (seeds). IR = text→image, TR = image→text, recall in %. Best "
-             "per column in bold; full data is the upper reference and is not ranked. " + _protocol_note(methods))
+    doc.note(
+        "Mean ± std over the evaluation runs (seeds). IR = text→image, TR = image→text, recall in %. Best "
+        "per column in bold; full data is the upper reference and is not ranked. " + _protocol_note(methods)
+    )
 
     doc.heading("Comparison and training curves")
     doc.begin("grid")
@@ -189,17 +203,20 @@ def write_report(run_dir: Path, results: dict) -> None:
     history = _read_jsonl(distilled / "history.jsonl") if (distilled / "history.jsonl").exists() else []
     history = [record for record in history if "loss" in record]  # recovery events carry no loss
     if history:
-        doc.figure(loss_curve(history, figures / "loss.png"),
-                   "Trajectory-matching loss per distillation iteration, one colour per phase")
+        doc.figure(
+            loss_curve(history, figures / "loss.png"),
+            "Trajectory-matching loss per distillation iteration, one colour per phase",
+        )
     else:
         doc.note("No distillation history (distilled/history.jsonl) was found.")
     curve = distilled / "recall_curve.json"
     if curve.exists():
-
         method = read_meta(distilled).get("method") if (distilled / "meta.json").exists() else None
-        doc.figure(recall_curve(json.loads(curve.read_text()), history, methods, method, figures / "recall.png"),
-                   "r_mean of students trained on intermediate synthetic snapshots, 1 run each (star: the final"
-                   " evaluation; dotted: baselines)")
+        doc.figure(
+            recall_curve(json.loads(curve.read_text()), history, methods, method, figures / "recall.png"),
+            "r_mean of students trained on intermediate synthetic snapshots, 1 run each (star: the final"
+            " evaluation; dotted: baselines)",
+        )
     else:
         doc.note("Recall vs iteration: not available (the distillation kept no intermediate snapshots).")
     doc.end()
@@ -214,8 +231,10 @@ def write_report(run_dir: Path, results: dict) -> None:
             grid_caption = f"Synthetic images of phase {phase} (EMA)"
             if not grid.exists():
                 grid = distilled / f"phase-{phase}-nearest-images.png"
-                grid_caption = (f"Phase {phase} distils image features, not pixels: the nearest real training image"
-                                " (cosine) of each synthetic feature vector")
+                grid_caption = (
+                    f"Phase {phase} distils image features, not pixels: the nearest real training image"
+                    " (cosine) of each synthetic feature vector"
+                )
             captions = _captions(distilled / f"phase-{phase}-captions.json")
             if not (grid.exists() or captions):
                 doc.note("No image grid or captions were saved for this phase.")
@@ -230,9 +249,11 @@ def write_report(run_dir: Path, results: dict) -> None:
                 doc.table(["#", "nearest real caption of the synthetic text", "cosine"], captions, "captions")
             doc.end()
         if similarities:
-            doc.figure(similarity_maps(similarities, figures / "similarity.png"),
-                       "Learned similarity S per phase (rows: synthetic images, columns: synthetic texts); the colour"
-                       " range follows the off-diagonal entries, so the diagonal (≈1) is clipped")
+            doc.figure(
+                similarity_maps(similarities, figures / "similarity.png"),
+                "Learned similarity S per phase (rows: synthetic images, columns: synthetic texts); the colour"
+                " range follows the off-diagonal entries, so the diagonal (≈1) is clipped",
+            )
         else:
             doc.note("The method learns no similarity matrix (S = I).")
 
@@ -245,20 +266,27 @@ def write_report(run_dir: Path, results: dict) -> None:
         doc.end()
 
     title = f"mmdistill report: {results['preset']}"
-    subtitle = (f"dataset {results['dataset']} · {results['pairs']} synthetic pairs · seed {results['seed']} · "
-                f"{len(methods)} methods")
+    subtitle = (
+        f"dataset {results['dataset']} · {results['pairs']} synthetic pairs · seed {results['seed']} · "
+        f"{len(methods)} methods"
+    )
     write_text(f"# {title}\n\n{subtitle}\n\n" + "\n".join(doc.md), run_dir / "report.md")
-    write_text(_HTML.format(title=html.escape(title), subtitle=html.escape(subtitle), body="\n".join(doc.html)),
-               run_dir / "report.html")
+    write_text(
+        _HTML.format(title=html.escape(title), subtitle=html.escape(subtitle), body="\n".join(doc.html)),
+        run_dir / "report.html",
+    )
 
 
 def write_table_report(path: Path, title: str, results: dict, chart: Path) -> None:
     """A Markdown page with one results table and its bar chart (ablation.md, quality.md)."""
     method_bars(results["methods"], chart)
-    write_text(f"# {title}\n\n{results['preset']} · dataset {results['dataset']} · {results['pairs']} pairs · "
-               f"seed {results['seed']}\n\n{markdown_table(results['methods'])}\n\n"
-               f"{_protocol_note(results['methods'])} Mean ± std over runs; best per column in bold.\n\n"
-               f"![r_mean per method]({chart.relative_to(path.parent).as_posix()})\n", path)
+    write_text(
+        f"# {title}\n\n{results['preset']} · dataset {results['dataset']} · {results['pairs']} pairs · "
+        f"seed {results['seed']}\n\n{markdown_table(results['methods'])}\n\n"
+        f"{_protocol_note(results['methods'])} Mean ± std over runs; best per column in bold.\n\n"
+        f"![r_mean per method]({chart.relative_to(path.parent).as_posix()})\n",
+        path,
+    )
 
 
 _HTML = """<!doctype html>

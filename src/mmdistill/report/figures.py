@@ -1,4 +1,5 @@
 """The report's figures: one matplotlib function per plot, drawn without pyplot (no global backend)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,20 @@ from matplotlib.figure import Figure
 from mmdistill.evaluation.results import BASELINES, mean_std
 
 # One colour per method everywhere: distilled methods in saturated colours, coresets in greys, full data green.
-COLOURS = {"ptm-st": "#1f5fa8", "ptm-st+blend": "#3a9bd9", "lors": "#e07b1a", "mtt-vl": "#c0392b",
-           "random": "#9a9a9a", "herding": "#7a7a7a", "kcenter": "#5c5c5c", "forgetting": "#b8b0a4",
-           "full": "#2e8b57"}
+COLOURS = {
+    "ptm-st": "#1f5fa8",
+    "ptm-st+blend": "#3a9bd9",
+    "lors": "#e07b1a",
+    "mtt-vl": "#c0392b",
+    "random": "#9a9a9a",
+    "herding": "#7a7a7a",
+    "kcenter": "#5c5c5c",
+    "forgetting": "#b8b0a4",
+    "full": "#2e8b57",
+}
 PHASE_COLOURS = ("#1f5fa8", "#e07b1a", "#2e8b57", "#8e44ad", "#c0392b", "#16a085")
+
+
 def colour(name: str) -> str:
     """Fixed colour of a method; ablation variants get darker blues the more components they switch on."""
     if name in COLOURS:
@@ -23,6 +34,7 @@ def colour(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- tables
+
 
 def new_figure(*grid, figsize, layout=None, **subplot_kw):
     """A figure and its axes, drawn without pyplot: no global backend is chosen or changed for the program that
@@ -107,7 +119,7 @@ def _phase_lines(ax, phases: dict, offsets: dict[int, int], smooth: int = 1) -> 
             ax.plot(shifted, ys, color=col, alpha=0.25, lw=0.8)
             kernel = torch.ones(1, 1, smooth) / smooth
             smoothed = torch.nn.functional.conv1d(torch.tensor(ys).view(1, 1, -1), kernel).flatten()
-            ax.plot(shifted[smooth - 1:], smoothed.tolist(), color=col, lw=1.8, label=f"phase {phase}")
+            ax.plot(shifted[smooth - 1 :], smoothed.tolist(), color=col, lw=1.8, label=f"phase {phase}")
         else:
             ax.plot(shifted, ys, color=col, lw=1.8, marker="o" if len(ys) < 30 else None, ms=4, label=f"phase {phase}")
         if offsets[phase]:
@@ -133,13 +145,28 @@ def recall_curve(curve: list[dict], history: list[dict], methods: dict, method: 
     _phase_lines(ax, _by_phase(curve, "r_mean"), offsets)
     if method in methods:
         entry = methods[method]
-        ax.errorbar([end], [entry["r_mean"]], yerr=[entry.get("r_mean_std", 0.0)], fmt="*", ms=11, capsize=3,
-                    color=colour(method), label=f"{method}, final ({entry.get('runs', '?')} runs)")
+        ax.errorbar(
+            [end],
+            [entry["r_mean"]],
+            yerr=[entry.get("r_mean_std", 0.0)],
+            fmt="*",
+            ms=11,
+            capsize=3,
+            color=colour(method),
+            label=f"{method}, final ({entry.get('runs', '?')} runs)",
+        )
     for name, entry in methods.items():
         if name in BASELINES:
             ax.axhline(entry["r_mean"], color=colour(name), ls=":", lw=1.2)
-            ax.annotate(name, (1.0, entry["r_mean"]), xycoords=("axes fraction", "data"), fontsize=8,
-                        color=colour(name), va="bottom", ha="right")
+            ax.annotate(
+                name,
+                (1.0, entry["r_mean"]),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                color=colour(name),
+                va="bottom",
+                ha="right",
+            )
     ax.legend(frameon=False, fontsize=9)
     _style(ax, "Recall of the synthetic set during distillation", "iteration (phases back to back)", "r_mean (%)")
     return _save(fig, path)
@@ -149,8 +176,9 @@ def similarity_maps(matrices: list[torch.Tensor], path: Path) -> Path:
     """Heat maps of the learned S per phase, colour range set by the off-diagonal entries (diagonal clipped)."""
     off = torch.cat([(m - torch.diag(torch.diag(m))).flatten() for m in matrices]).abs()
     limit = max(off.quantile(0.995).item(), 1e-3)
-    fig, axes = new_figure(1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.4), squeeze=False,
-                           layout="constrained")
+    fig, axes = new_figure(
+        1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.4), squeeze=False, layout="constrained"
+    )
     for phase, (ax, matrix) in enumerate(zip(axes[0], matrices)):
         image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.set_title(f"phase {phase}: S ({matrix.shape[0]}×{matrix.shape[0]})", fontsize=10)
@@ -171,4 +199,3 @@ def timing_bars(rows: list[tuple[str, float, bool]], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- report
-
