@@ -376,7 +376,7 @@ def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, 
 
 
 def test_reference_protocol_equals_a_transcription_of_the_reference_loop():
-    """evaluate.protocol=reference against the reference's evaluation loop (spec 7) written out: one SGD for all
+    """evaluate.protocol=reference against the reference's evaluation loop written out: one SGD for all
     phases at the last phase's live lrs, MultiStepLR(Epoch // 2 + 1) stepped per epoch across the phases,
     Epoch + 1 epochs per phase with test recall after epochs 0, 10, ..., Epoch (here 0, 2, 4), the untrained
     student a candidate, the best test r_mean selected."""

@@ -1,4 +1,4 @@
-"""Every loss against an independent float64 transcription of the spec's formulas (spec 6), at ordinary and at
+"""Every loss against an independent float64 transcription of the reference's formulas, at ordinary and at
 saturated logits, values and gradients; gradients also checked by finite differences (gradcheck)."""
 
 import math

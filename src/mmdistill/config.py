@@ -132,7 +132,7 @@ class DistillConfig:
     init: str = "real"  # real | noise
     # fd (TESLA's gradient by a finite-difference Hessian-vector product, fast) | tesla (TESLA's gradient by a
     # double backward) | unroll (the true gradient through the whole inner loop, memory grows with syn_steps).
-    # TESLA's gradient drops the path through the student's parameters (spec 5.4); `exact` is tesla's old name.
+    # TESLA's gradient drops the path through the student's parameters; `exact` is tesla's old name.
     gradient: str = "fd"
     merge_loss_branches: bool = False
     # GPU switches of the inner loop (pixel space), off by default: on CPU they cost time and change nothing.

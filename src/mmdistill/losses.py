@@ -31,7 +31,7 @@ def kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (forward + backward) / (2 * logits.numel())
 
 
-# The reference's BalanceBCE adds this inside the logarithms (spec 6): log(p + eps), log(1 - p + eps).
+# The reference's BalanceBCE adds this inside the logarithms: log(p + eps), log(1 - p + eps).
 WBCE_EPS = 1e-6
 
 

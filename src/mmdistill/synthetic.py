@@ -38,7 +38,7 @@ SIM_KINDS = {"identity": (), "full": ("sim_full",), "lowrank": ("sim_diag", "sim
 CLIP_NORMALIZATION = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 REFERENCE_FORMATS = ("ptm-st", "lors")
 # The student lrs a phase's distillation ended with (the live ones) beside its EMA lrs (`lr_img`, `lr_txt`, what
-# the default protocol trains with): the reference's evaluation trains with the live ones (spec 5.7).
+# the default protocol trains with): the reference's evaluation trains with the live ones.
 LIVE_LRS = {"lr_img": "lr_img_live", "lr_txt": "lr_txt_live"}
 EXPORT_RECORD = "mmdistill.json"  # the exported set's format record: provenance and per-phase metadata
 

@@ -219,7 +219,7 @@ def _train_reference(
     gen: torch.Generator,
     device,
 ) -> bool:
-    """The reference's evaluation loop (`evaluate_synset_PTM`, spec 7), for `evaluate.protocol=reference`.
+    """The reference's evaluation loop (`evaluate_synset_PTM`), for `evaluate.protocol=reference`.
 
     One optimizer for all phases, at the live lrs of the last phase (its distillation's final lrs, not their
     EMA); epochs+1 epochs per phase (0..epochs), each trained, then scored on test at epochs 0, eval_every, ...,
