@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import mmdistill.evaluation.baselines as baselines
+import mmdistill.evaluation.results as results_module
 import mmdistill.evaluation.student as evaluate
-import mmdistill.synthetic
+import mmdistill.metrics as metrics_module
 from mmdistill.config import load_config
 from mmdistill.data import Split
 from mmdistill.encoders import CLIP_MEAN, CLIP_STD
@@ -187,7 +188,7 @@ def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch
         calls.append((name, float(sim.double().sum())))
         return {m: float(score) for m in METRICS}
 
-    monkeypatch.setattr(evaluate, "retrieval_metrics", fake_metrics)
+    monkeypatch.setattr(metrics_module, "retrieval_metrics", fake_metrics)
     phases = [real_phase(bundle, torch.arange(0, 20)), real_phase(bundle, torch.arange(20, 40))]
     overrides = ["evaluate.epochs=4", "evaluate.eval_every=2"]
 
@@ -314,11 +315,11 @@ def test_evaluate_command_writes_and_merges_results_json(tmp_path, monkeypatch, 
     cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=1")
     bundle = make_bundle()
     phases = [real_phase(bundle, torch.arange(10)), real_phase(bundle, torch.arange(10, 20))]
-    monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
+    monkeypatch.setattr(results_module, "prepare", lambda cfg: bundle)
     synthetic = tmp_path / "syn"
     for method in ("ptm-st", "lors"):
         distilled = DistilledSet(phases, {"method": method}, str(synthetic), "native")
-        monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
+        monkeypatch.setattr(results_module, "load_distilled", lambda path, fmt, made=distilled: made)
         evaluate_command(cfg, synthetic, tmp_path / "out")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["preset"] == "shapes-tiny" and results["dataset"] == "shapes"
@@ -360,16 +361,16 @@ def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, 
     the preset's method is ptm-st (WBCE, 0.07); a set that records no config keeps the preset's."""
     cfg = make_cfg("evaluate.epochs=1", "evaluate.eval_every=1", "evaluate.runs=1")
     bundle = make_bundle()
-    monkeypatch.setattr(evaluate, "prepare", lambda cfg: bundle)
+    monkeypatch.setattr(results_module, "prepare", lambda cfg: bundle)
     seen = []
-    real = evaluate.evaluate_distilled
-    monkeypatch.setattr(evaluate, "evaluate_distilled", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
+    real = results_module.evaluate_distilled
+    monkeypatch.setattr(results_module, "evaluate_distilled", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
     run_config = make_cfg("distill.method=mtt-vl", "model.temperature=0.1")
     from mmdistill.config import to_dict
 
     for meta, out in (({"method": "mtt-vl", "config": to_dict(run_config)}, "a"), ({"method": "ptm-st"}, "b")):
         distilled = DistilledSet([real_phase(bundle, torch.arange(10))], meta, str(tmp_path / "syn"), "native")
-        monkeypatch.setattr(mmdistill.synthetic, "load_distilled", lambda path, fmt, made=distilled: made)
+        monkeypatch.setattr(results_module, "load_distilled", lambda path, fmt, made=distilled: made)
         evaluate_command(cfg, tmp_path / "syn", tmp_path / out)
     assert (seen[0].distill.loss, seen[0].model.temperature, seen[0].distill.method) == ("nce", 0.1, "mtt-vl")
     assert (seen[1].distill.loss, seen[1].model.temperature) == ("wbce", 0.07)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mmdistill import experts
 from mmdistill.bench.storage import bench_storage
 from mmdistill.config import load_config
 from mmdistill.errors import UserError
+from mmdistill.experts import train as experts
 from mmdistill.experts.reference import export_reference, import_reference
 from mmdistill.experts.store import ExpertStore, tensor_norms, write_expert
 from mmdistill.experts.train import train_experts

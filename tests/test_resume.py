@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import mmdistill.distill as distill_module
+import mmdistill.distill.engine as distill_module
 from mmdistill.config import load_config
 from mmdistill.distill.engine import distill, distill_keys
 from mmdistill.errors import UserError
