@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 import mmdistill.io as io_module
 from mmdistill.cli import main
 
+pytestmark = pytest.mark.slow  # every case runs a command end to end on a trained tiny world
+
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "phase 0:  25%|##  | 1/4 [00:00<...]"
 # Another command holding a folder: io.folder_lock's protocol written out, so the case also runs on code without it.
 HOLD = """import fcntl, os, sys, time

@@ -25,6 +25,8 @@ from mmdistill.experts.store import ExpertStore
 from mmdistill.prepare import prepare
 from mmdistill.similarity import full_matrix
 
+pytestmark = pytest.mark.slow  # calibration scans on trained tiny experts
+
 
 def _distiller(tiny, cfg):
     bundle = prepare(cfg)

@@ -20,6 +20,8 @@ from mmdistill.errors import UserError
 from mmdistill.experts.train import train_experts
 from mmdistill.synthetic import load_synthetic
 
+pytestmark = pytest.mark.slow  # distillations on trained tiny experts
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -10,6 +10,8 @@ from mmdistill.config import load_config
 from mmdistill.pipeline import STAGES, Ledger, run
 from mmdistill.tracking import tracking
 
+pytestmark = pytest.mark.slow  # whole runs of the pipeline on the tiny preset
+
 METRIC_KEYS = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean", "r_mean_std", "runs"}
 
 

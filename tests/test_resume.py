@@ -17,6 +17,8 @@ from mmdistill.prepare import prepare
 from mmdistill.synthetic import load_synthetic
 from mmdistill.utils import digest
 
+pytestmark = pytest.mark.slow  # experts and distillations trained to be resumed
+
 
 def config(tiny, *extra):
     return load_config("shapes-tiny", tiny[1] + list(extra))
