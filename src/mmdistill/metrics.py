@@ -20,6 +20,7 @@ import torch
 
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 RECALL_KS = (1, 5, 10)
+EMBED_BATCH = 512  # images or captions per forward pass when embedding a whole split
 BLOCK = (64, 4096)  # rows x columns counted at a time: 1 MiB of float32 that every comparison reads in cache
 NAN_ERROR = "sim contains NaN: ranks are undefined"
 
@@ -175,7 +176,7 @@ def retrieval_metrics(sim: torch.Tensor, img2txt, txt2img, block: tuple[int, int
 
 
 @torch.no_grad()
-def embed(model, image_chunks, texts: torch.Tensor, device, batch_size: int = 512):
+def embed(model, image_chunks, texts: torch.Tensor, device, batch_size: int = EMBED_BATCH):
     """A dual encoder's image and text embeddings in eval mode (no dropout); leaves the model's mode as it was."""
     was_training = model.training
     model.eval()

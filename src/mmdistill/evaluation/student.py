@@ -25,7 +25,7 @@ from mmdistill.config import from_dict
 from mmdistill.data.transforms import normalize
 from mmdistill.errors import UserError
 from mmdistill.losses import LOSSES
-from mmdistill.metrics import METRICS, model_recall
+from mmdistill.metrics import EMBED_BATCH, METRICS, model_recall
 from mmdistill.model import GROUPS, DualEncoder, build_model
 from mmdistill.prepare import Prepared, prepare
 from mmdistill.similarity import similarity_block
@@ -35,7 +35,6 @@ from mmdistill.utils import derive_seed, generator, resolve_device
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = {"val": "val (selected on validation)", "reference": "reference (selected on test)"}
-EMBED_BATCH = 512  # images or captions per forward pass when embedding a whole split
 
 
 # -- image inputs ----------------------------------------------------------------------------------------
