@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -133,13 +134,22 @@ def _free_memory_mib(device: torch.device) -> float:
     return _proc_status_kib("MemAvailable", "/proc/meminfo") / 1024
 
 
-def _time_mode(raw_cfg: dict, mode: str, budget_s: float, max_repeats: int, threads: int) -> dict:
-    """Run in a fresh process by bench_iteration: one warm-up, then iterations of `mode` interleaved with
-    syn_steps plain training steps until `budget_s` has passed (at least one pair, at most max_repeats);
-    medians of wall and CPU seconds, and this process's peak RSS: the mode's own, nothing else ran here."""
+def _time_mode(
+    raw_cfg: dict, mode: str, budget_s: float, max_repeats: int, threads: int, against: str = "plain"
+) -> dict:
+    """Run in a fresh process by bench_iteration: one warm-up, then iterations of `mode` interleaved with a
+    baseline until `budget_s` has passed (at least one pair, at most max_repeats); medians of wall and CPU
+    seconds, and this process's peak RSS: the mode's own, nothing else ran here (unless `against` is feature).
+
+    The baseline (`against`): syn_steps plain training steps of the same student, or (feature) the same
+    iteration in feature space, for pixels through a frozen encoder: what encoding them costs."""
     torch.set_num_threads(threads)
-    iteration, plain, device = _bench_setup(from_dict(raw_cfg), from_dict(raw_cfg).distill.syn_steps)
-    runs = {"plain": plain, mode: lambda: iteration(mode)}
+    cfg = from_dict(raw_cfg)
+    iteration, baseline, device = _bench_setup(cfg, cfg.distill.syn_steps)
+    if against == "feature":
+        in_features, _, _ = _bench_setup(OmegaConf.merge(cfg, {"distill": {"space": "feature"}}), cfg.distill.syn_steps)
+        baseline = functools.partial(in_features, mode)
+    runs = {"plain": baseline, mode: lambda: iteration(mode)}
     started = time.perf_counter()
     for run in runs.values():  # warm-up
         run()
@@ -198,11 +208,12 @@ def _memory_growth(cfg, syn_steps: int, mode: str) -> float:
 def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
     """Seconds per distillation iteration of the default gradient mode and of tesla, each against syn_steps
     plain training steps of the same student measured interleaved with it (medians, wall and CPU time), each
-    in a fresh process whose peak RSS (`peak_rss_gib`) is that mode's alone; then the memory growth of one
-    iteration at syn_steps 5 vs 20 (default mode; unroll, whose growth is linear, only where 20 steps of it
-    fit in a quarter of the free memory: on NFNet-L0 at 64 px it grew 5.5 GiB over 5 steps, about 21 GiB at
-    20). `budget_s` bounds the timed repeats of each mode (at least one): a large model gets fewer repeats, not
-    a longer benchmark."""
+    in a fresh process whose peak RSS (`peak_rss_gib`) is that mode's alone; for pixels through a frozen
+    encoder, the default mode against its own iteration in feature space (`ratio_pixel_vs_feature`); then the
+    memory growth of one iteration at syn_steps 5 vs 20 (default mode; unroll, whose growth is linear, only
+    where 20 steps of it fit in a quarter of the free memory: on NFNet-L0 at 64 px it grew 5.5 GiB over 5
+    steps, about 21 GiB at 20). `budget_s` bounds the timed repeats of each mode (at least one): a large model
+    gets fewer repeats, not a longer benchmark."""
     dc = cfg.distill
     threads = torch.get_num_threads()
     result = {
@@ -228,6 +239,10 @@ def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
         )
         if "peak_cuda_gib" in timed:
             result[f"peak_cuda_gib{suffix}"] = timed["peak_cuda_gib"]
+    if dc.space == "pixel" and not cfg.model.image_trainable:
+        timed = _in_fresh_process("_time_mode", to_dict(cfg), dc.gradient, budget_s, max_repeats, threads, "feature")
+        result["seconds_per_iteration_feature_space"] = timed["seconds_plain"]
+        result["ratio_pixel_vs_feature"] = timed["seconds"] / timed["seconds_plain"]
     for mode in (dc.gradient, "unroll"):
         suffix = "" if mode == dc.gradient else f"_{mode}"
         growth = {5: _memory_growth(cfg, 5, mode)}

@@ -31,7 +31,7 @@ from torch.func import jvp
 
 from mmdistill.config import AUTO, PhaseConfig
 from mmdistill.distill.collapse import NO_MOVE_MARGIN, no_move_loss
-from mmdistill.distill.matching import InnerLoop, InnerPlan, matching_gradient, matching_loss
+from mmdistill.distill.matching import InnerLoop, InnerPlan, encode_frozen, matching_gradient, matching_loss
 from mmdistill.experts.shortcut import matching_pair
 from mmdistill.similarity import full_matrix
 from mmdistill.utils import generator
@@ -153,7 +153,8 @@ def calibrate(distiller, p: int, phase: PhaseConfig, syn: dict[str, torch.Tensor
     windows = _windows(distiller, p, phase)
     reasons, scan = {}, []
     if dc.lr_init == AUTO:
-        scan = [(lr, _mean_loss(distiller, syn, windows, lr)) for lr in LR_GRID]
+        scanned, _ = encode_frozen(distiller.model, syn)  # pixels through a frozen encoder: features, once
+        scan = [(lr, _mean_loss(distiller, scanned, windows, lr)) for lr in LR_GRID]
         best_lr, why = _best_lr(scan, no_move_loss(dc))
         lr_init = LR_MARGIN * best_lr
         reasons["lr_init"] = f"auto: {LR_MARGIN:g} x {best_lr:.3g}, {why}"

@@ -327,6 +327,30 @@ FD_STEP = {torch.float32: 1e-4, torch.float64: 1e-7}
 FD_STEP_AUTOCAST = 1e-2
 
 
+def encode_frozen(model, syn: dict[str, torch.Tensor], autocast: bool = False, channels_last: bool = False):
+    """Pixel space through a frozen image encoder at feature-space cost: (syn with features, pullback) or (syn, None).
+
+    The frozen encoder has no parameter in the student's groups and nothing random happens to the synthetic
+    images inside the loop (no augmentation, the encoder in eval mode), so each image's features are the same at
+    every inner step and in every pass. Encoding the set once, with its graph kept, lets the inner loop run on
+    features (as feature space does); `pullback` sends the features' gradient back to the pixels in one backward
+    through the encoder instead of one per step and pass. A trainable encoder or inputs that are already
+    features return (syn, None).
+    """
+    if syn["images"].dim() != 4 or getattr(model, "image_trainable", True):
+        return syn, None
+    pixels = syn["images"].detach().requires_grad_()
+    shaped = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
+    with torch.enable_grad(), torch.autocast(pixels.device.type, torch.bfloat16, enabled=autocast):
+        features = model.image_features(shaped)
+    features = features.to(pixels.dtype)
+
+    def pullback(grad: torch.Tensor) -> torch.Tensor:
+        return autograd.grad(features, pixels, grad)[0]
+
+    return {**syn, "images": features.detach()}, pullback
+
+
 def matching_gradient(
     model,
     syn: dict[str, torch.Tensor],
@@ -347,12 +371,22 @@ def matching_gradient(
 
     `syn` holds images, texts, the similarity parameters (similarity.py names) and lr_img / lr_txt.
     """
+    syn, pullback = encode_frozen(model, syn, autocast, channels_last)
     like = syn["images"]
     theta_start = {m: t.to(like) for m, t in theta_start.items()}
     theta_target = {m: t.to(like) for m, t in theta_target.items()}
     loop = InnerLoop(model, syn, plan, loss_fn, sim_kind, sim_alpha, autocast, channels_last)
     if mode == "unroll":
-        return _unroll(loop, theta_start, theta_target, merge_branches, detach_inner)
+        loss, grads = _unroll(loop, theta_start, theta_target, merge_branches, detach_inner)
+    else:
+        loss, grads = _two_pass(loop, theta_start, theta_target, mode, merge_branches)
+    if pullback is not None:
+        grads["images"] = pullback(grads["images"])
+    return loss, grads
+
+
+def _two_pass(loop: InnerLoop, theta_start, theta_target, mode: str, merge_branches: bool):
+    """fd and tesla: pass 1 without graphs, then the replay that differentiates each step's inputs."""
     if mode not in ("fd", "tesla"):
         raise ValueError(f"unknown gradient mode {mode!r}")
     record = mode == "fd"
@@ -361,7 +395,7 @@ def matching_gradient(
     loss = matching_loss(theta_n, theta_start, theta_target, merge_branches)
     d_theta_n = dict(zip(theta_n, autograd.grad(loss, list(theta_n.values()))))
     v = {m: -loop.alpha[m] * d for m, d in d_theta_n.items()}  # dL/dg_i, the same for every step
-    fd_step = FD_STEP_AUTOCAST if autocast else FD_STEP[like.dtype]
+    fd_step = FD_STEP_AUTOCAST if loop.autocast else FD_STEP[theta_start["img"].dtype]
     grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=fd_step, steps=steps[0] if record else None)
     if merge_branches:  # the lrs always follow their own branch's loss (LoRS merges only the data gradient)
         branches = matching_loss(theta_n, theta_start, theta_target, merge_branches=False)
