@@ -66,7 +66,10 @@ def test_outputs_exist_and_are_finite(tiny, distilled):
         assert phase["similarity"] == "full" and phase["space"] == "pixel" and phase["iterations"] == 4
         assert phase["lr_source"] == "ema" and phase["pairs"] == 10 and phase["image_size"] == 16
         assert min(phase["lr_img"].item(), phase["lr_txt"].item()) > 0
-        assert (distilled / f"phase-{p}-images.png").stat().st_size > 0
+        with Image.open(distilled / f"phase-{p}-images.png") as final, Image.open(
+            distilled / f"phase-{p}-initial-images.png"
+        ) as initial:  # the report shows the set a phase began from beside the one it ended with
+            assert final.size == initial.size and final.tobytes() != initial.tobytes()
         captions = json.loads((distilled / f"phase-{p}-captions.json").read_text())
         assert len(captions) == 10 and {"caption", "similarity"} <= captions[0].keys()
     meta = json.loads((distilled / "meta.json").read_text())
@@ -295,6 +298,7 @@ def test_fewer_phases_into_an_old_folder_leave_no_stale_phase(tiny, distilled, t
     assert sorted(p.name for p in out.glob("phase-*")) == [
         "phase-0-captions.json",
         "phase-0-images.png",
+        "phase-0-initial-images.png",
         "phase-0.safetensors",
     ]
     shutil.copy(distilled / "phase-1.safetensors", out)  # a phase file of another config, copied in by hand

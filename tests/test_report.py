@@ -58,6 +58,7 @@ def run_dir(tmp_path):
     for phase in range(2):
         _fake_phase(distilled / f"phase-{phase}.safetensors", 6, gen)
         Image.new("RGB", (48, 24), (200, 40, 40)).save(distilled / f"phase-{phase}-images.png")
+        Image.new("RGB", (48, 24), (40, 40, 200)).save(distilled / f"phase-{phase}-initial-images.png")
         captions = [{"caption": f"a red circle {i}", "caption_id": i, "similarity": 0.9} for i in range(6)]
         (distilled / f"phase-{phase}-captions.json").write_text(json.dumps(captions))
         history += [
@@ -92,6 +93,8 @@ def test_report_writes_markdown_html_and_figures(run_dir):
         "timing.png",
         "phase-0-images.png",
         "phase-1-images.png",
+        "phase-0-initial-images.png",
+        "phase-1-initial-images.png",
     } <= figures
     assert "recall.png" not in figures  # no recall_curve.json: no plot, and the report says so
     md = (run_dir / "report.md").read_text()
@@ -203,6 +206,8 @@ def test_html_renders_in_headless_chromium(run_dir):
     assert len(images) >= 6 and all(i["width"] > 0 and i["shown"] > 0 for i in images.values())  # decoded, on screen
     grids = [alt for alt in images if alt.startswith("Synthetic images of phase")]
     assert len(grids) == 2  # one grid of synthetic images per phase
+    starts = [alt for alt in images if alt.startswith("The images phase")]
+    assert len(starts) == 2  # beside each, the images the phase started from
     assert any("similarity" in alt.lower() for alt in images)
     image = Image.open(screenshot).convert("L")
     assert image.size == (1280, 1600)

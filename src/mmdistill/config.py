@@ -214,6 +214,8 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "ptm-st": _PTM_ST,
     "ptm-st+blend": {**_PTM_ST, "blend.enabled": True},
+    # PTM-ST on synthetic pixels: on a feature-space preset, images a frozen encoder reads instead of features
+    "ptm-st+pixels": {**_PTM_ST, "space": "pixel"},
 }
 # The paper's Table 4 ablation: PTM-ST with components switched off.
 for _name in ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema"):

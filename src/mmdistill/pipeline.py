@@ -316,6 +316,10 @@ def ablate(cfg, out: Path) -> dict:
 
 
 def bench_quality(cfg, out: Path | None = None) -> dict:
-    """All engine methods, coresets and the full data side by side."""
+    """All engine methods, coresets and the full data side by side; on a feature-space preset also PTM-ST on
+    synthetic pixels through the same frozen encoder (`ptm-st+pixels`)."""
     out = Path(out) if out else Path("runs") / f"quality-{cfg.name}"
-    return compare(cfg, out, "quality", QUALITY, f"Quality benchmark ({cfg.name})")
+    names = list(QUALITY)
+    if cfg.distill.space == "feature":
+        names.insert(names.index("ptm-st+blend") + 1, "ptm-st+pixels")
+    return compare(cfg, out, "quality", names, f"Quality benchmark ({cfg.name})")

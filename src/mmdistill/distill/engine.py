@@ -5,8 +5,9 @@ plain expert windows, EMA or none, identity / full / low-rank S, blending, and t
 
 Outputs in OUT, written through `synthetic` (the distilled-set format; README "Use a distilled set"):
 - phase-<p>.safetensors: the phase's EMA state (images, texts, similarity parameters, lr_img, lr_txt) and its
-  metadata; phase-<p>-images.png (or -nearest-images.png), phase-<p>-captions.json (nearest real caption of each
-  synthetic text, and nearest real image of each synthetic image feature);
+  metadata; phase-<p>-images.png beside phase-<p>-initial-images.png, the images it started from (or, for
+  features, phase-<p>-nearest-images.png), phase-<p>-captions.json (nearest real caption of each synthetic text,
+  and nearest real image of each synthetic image feature);
 - meta.json (method, preset, config, seed, encoders, normalisation, iterations and recoveries per phase, version,
   git commit), history.jsonl;
 - checkpoints/phase-<p>.pt while a phase runs. All randomness of iteration k of phase p comes from
@@ -52,7 +53,9 @@ logger = logging.getLogger(__name__)
 
 LR_MIN = 1e-6  # learned student lrs stay above this: a negative lr would train the student backwards
 GROUP_OF = {"images": "images", "texts": "texts", "lr_img": "lr", "lr_txt": "lr"}  # else "sim" (sim_* params)
-PHASE_OUTPUT = re.compile(r"phase-(\d+)(\.safetensors|-images\.png|-nearest-images\.png|-captions\.json)")
+PHASE_OUTPUT = re.compile(
+    r"phase-(\d+)(\.safetensors|-images\.png|-initial-images\.png|-nearest-images\.png|-captions\.json)"
+)
 SNAPSHOT_FILE = re.compile(r"phase-(\d+)-(\d+)\.safetensors")
 
 
@@ -373,6 +376,8 @@ class Distiller:
         nearest = _nearest_captions(ema["texts"], self.bundle)
         if ema["images"].dim() == 4:
             _save_grid(ema["images"], self.bundle, out / f"phase-{p}-images.png")
+            initial = self.init_synthetic(p, phase)["images"].cpu()  # deterministic: the set the phase began from
+            _save_grid(initial, self.bundle, out / f"phase-{p}-initial-images.png")
         else:
             # a feature vector is no picture: its nearest real image stands in for it in the grid and the export
             similarity, image_ids = _cosine_nearest(ema["images"], self.bundle.features["train"])

@@ -240,11 +240,13 @@ def write_report(run_dir: Path, results: dict) -> None:
                 doc.note("No image grid or captions were saved for this phase.")
                 continue
             doc.begin("row")
-            if grid.exists():
-                copy = figures / grid.name
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(grid, copy)
-                doc.figure(copy, grid_caption, css_class="pixels")
+            initial = distilled / f"phase-{phase}-initial-images.png"
+            for shown, caption in ((initial, f"The images phase {phase} started from"), (grid, grid_caption)):
+                if shown.exists():
+                    copy = figures / shown.name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(shown, copy)
+                    doc.figure(copy, caption, css_class="pixels")
             if captions:
                 doc.table(["#", "nearest real caption of the synthetic text", "cosine"], captions, "captions")
             doc.end()

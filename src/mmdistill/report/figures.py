@@ -14,6 +14,7 @@ from mmdistill.evaluation.results import BASELINES, mean_std
 COLOURS = {
     "ptm-st": "#1f5fa8",
     "ptm-st+blend": "#3a9bd9",
+    "ptm-st+pixels": "#8e44ad",
     "lors": "#e07b1a",
     "mtt-vl": "#c0392b",
     "random": "#9a9a9a",
