@@ -13,6 +13,12 @@ def test_time_mode_stops_at_its_budget_after_one_timed_pair():
     assert 0.1 < timed["peak_rss_gib"] < 64
 
 
+def test_pixels_through_a_frozen_encoder_are_timed_against_feature_space():
+    frozen = load_config("shapes-tiny", ["model.image_trainable=false"])
+    timed = _time_mode(to_dict(frozen), "fd", 0.0, 5, 1, against="feature")
+    assert timed["repeats"] == 1 and timed["seconds"] > 0 and timed["seconds_plain"] > 0
+
+
 @pytest.mark.slow
 def test_bench_iteration_reports_each_mode_and_its_own_peak():
     result = bench_iteration(load_config("shapes-tiny"), budget_s=0.0, max_repeats=1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import mmdistill.distill.engine as distill_module
 from mmdistill.config import load_config, with_method
@@ -66,9 +67,10 @@ def test_outputs_exist_and_are_finite(tiny, distilled):
         assert phase["similarity"] == "full" and phase["space"] == "pixel" and phase["iterations"] == 4
         assert phase["lr_source"] == "ema" and phase["pairs"] == 10 and phase["image_size"] == 16
         assert min(phase["lr_img"].item(), phase["lr_txt"].item()) > 0
-        with Image.open(distilled / f"phase-{p}-images.png") as final, Image.open(
-            distilled / f"phase-{p}-initial-images.png"
-        ) as initial:  # the report shows the set a phase began from beside the one it ended with
+        with (
+            Image.open(distilled / f"phase-{p}-images.png") as final,
+            Image.open(distilled / f"phase-{p}-initial-images.png") as initial,
+        ):  # the report shows the set a phase began from beside the one it ended with
             assert final.size == initial.size and final.tobytes() != initial.tobytes()
         captions = json.loads((distilled / f"phase-{p}-captions.json").read_text())
         assert len(captions) == 10 and {"caption", "similarity"} <= captions[0].keys()
@@ -251,7 +253,6 @@ def test_sigkill_then_resume_is_bit_identical_and_torchrun_matches(tiny, tmp_pat
 
 def test_feature_space_phases_show_their_nearest_real_images(tmp_path):
     """Feature-space synthetic images have no pixels: the grid shows the nearest real training image of each."""
-    from PIL import Image
 
     cfg = load_config(
         "shapes-tiny",

@@ -5,8 +5,11 @@ import logging
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 
+from mmdistill.bench.cross_arch import STUDENTS, pixel_method, run_cross_arch
 from mmdistill.config import load_config
+from mmdistill.model import build_model
 from mmdistill.pipeline import STAGES, Ledger, run
 from mmdistill.tracking import tracking
 
@@ -184,3 +187,37 @@ def test_progress_bar_postfix_redraws_only_after_mininterval():
     assert out.getvalue().count("\r") <= 3  # first draw and close
     with progress_bar(total=2, disable=True) as bar:
         bar.set_postfix(loss="1")
+
+
+def test_cross_arch_trains_other_students_on_the_run_s_images_beside_a_random_coreset(tiny, capsys):
+    """The run's distilled images (reused, not distilled again) under two ConvNets unlike the distilling one."""
+    cfg, _, out, results = tiny
+    students = {
+        "convnet depth 1 width 4, scratch": {"image_encoder": "convnet", "convnet": {"depth": 1, "width": 4}},
+        "convnet depth 2 width 6, batchnorm": {"convnet": {"depth": 2, "width": 6, "norm": "batchnorm"}},
+    }
+    cross = run_cross_arch(cfg, out, students)
+    assert "distill ptm-st" in json.loads((out / "stages.json").read_text())  # the run's stage, reused
+    assert cross["method"] == pixel_method(cfg) == "ptm-st" and list(cross["students"]) == list(students)
+    for row in cross["students"].values():
+        ours, random = row["ptm-st"], row["random"]
+        assert set(ours["val_r_mean_by_lr"]) == {"own", *map(str, cfg.evaluate.coreset_lrs)}
+        assert set(random["val_r_mean_by_lr"]) == set(map(str, cfg.evaluate.coreset_lrs))
+        for entry in (ours, random):
+            assert 0 <= entry["r_mean"] <= 100 and entry["runs"] == cfg.evaluate.runs
+            best = max(entry["val_r_mean_by_lr"], key=entry["val_r_mean_by_lr"].get)
+            assert str(entry["lr"]) == best
+    assert json.loads((out / "cross-arch.json").read_text()) == cross
+    table = (out / "cross-arch.md").read_text()
+    assert all(f"| {name} |" in table for name in students) and table.strip().endswith(capsys.readouterr().out.strip())
+
+
+def test_the_cross_arch_students_build_offline_and_read_pixels():
+    import torch
+
+    cfg = load_config("shapes-100")
+    assert pixel_method(cfg) == "ptm-st+pixels"  # a feature-space preset distils pixels for the transfer table
+    for name, overrides in STUDENTS.items():
+        model = build_model(OmegaConf.merge(cfg.model, overrides), text_dim=384, image_size=32, seed=0)
+        logits = model(torch.randn(2, 3, 32, 32), torch.randn(2, 384))
+        assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name

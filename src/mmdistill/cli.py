@@ -153,7 +153,7 @@ def cmd_bench(args):
         return
     cfg = _config(args)
     with _tracked(args):
-        getattr(bench, args.what)(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
+        getattr(bench, args.what.replace("-", "_"))(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
 
 
 def _tracked(args):
@@ -331,8 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ablate", "the paper's Table 4 ablation grid", cmd_ablate)
     _common(p, out_required=True)
 
-    p = command("bench", "benchmarks: storage | iteration | quality | robustness | metrics", cmd_bench)
-    p.add_argument("what", choices=["storage", "iteration", "quality", "robustness", "metrics"], help="which benchmark")
+    p = command("bench", "benchmarks: storage | iteration | quality | cross-arch | robustness | metrics", cmd_bench)
+    p.add_argument(
+        "what",
+        choices=["storage", "iteration", "quality", "cross-arch", "robustness", "metrics"],
+        help="which benchmark",
+    )
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser

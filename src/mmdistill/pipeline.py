@@ -208,7 +208,7 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
     write_json(curve, target / "recall_curve.json")
 
 
-def _open(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
+def open_study(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
     """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
 
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def run(cfg, out: Path, resume: bool = False, restart: bool = False) -> dict:
     """prepare -> experts -> distill -> evaluate (the preset's method and baselines) -> report. `restart`: redo
     experts and distillations whose inputs changed, which `resume` refuses to do unasked."""
     out = Path(out)
-    study = _open(cfg, out, resume, restart)
+    study = open_study(cfg, out, resume, restart)
     rows = {name: study.row(name) for name in dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines])}
     outputs = [out / "report.html", out / "report.md", out / "figures"]
     return _finish(study, rows, "report", outputs, lambda results: write_report(out, results))
@@ -298,7 +298,7 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
 def compare(cfg, out: Path, page: str, names, title: str) -> dict:
     """Every named method on the same experts, protocol and seeds: results.json + <page>.md + bar chart."""
     out = Path(out)
-    study = _open(cfg, out)
+    study = open_study(cfg, out)
     rows = {name: study.row(name) for name in names}
     markdown, chart = out / f"{page}.md", out / f"{page}.png"
     return _finish(

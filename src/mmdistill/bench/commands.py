@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def _show(result: dict, as_json: bool) -> None:
@@ -43,10 +44,18 @@ def quality(cfg, out=None, as_json: bool = False) -> dict:
     return result
 
 
+def cross_arch(cfg, out=None, as_json: bool = False) -> dict:
+    """Images distilled through the preset's encoder, trained on by other students, beside a random coreset."""
+    from mmdistill.bench.cross_arch import run_cross_arch
+
+    result = run_cross_arch(cfg, Path(out) if out else Path("runs") / f"cross-arch-{cfg.name}")
+    if as_json:
+        print(json.dumps(result))
+    return result
+
+
 def robustness(cfg=None, out=None, as_json: bool = False) -> dict:
     """The default settings on sets no preset was tuned on, 50 and 100 pairs: ptm-st vs random vs full data."""
-    from pathlib import Path
-
     from mmdistill.bench.robustness import run_robustness
 
     result = run_robustness(Path(out) if out else Path("runs") / "robustness")

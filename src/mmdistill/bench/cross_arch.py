@@ -1,0 +1,144 @@
+"""`bench cross-arch`: synthetic images distilled through one image encoder, trained on by others.
+
+The standard transfer table of dataset distillation: the preset's method distils pixels (on a feature-space preset
+`ptm-st+pixels`, pixels through the same frozen encoder), then students with other image encoders train on the
+distilled images and, beside them, on a random coreset of real pairs at the same budget. A distilled lr was learned
+for the distilling student, so every student picks its lr on validation for both sets alike: for the distilled set
+among its own learned lrs and `evaluate.coreset_lrs`, for the coreset among `evaluate.coreset_lrs`.
+
+Output folder: the study's stages (experts/, methods/ or distilled/, stages.json), cross-arch.json (one row per
+student) and cross-arch.md (the table).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mmdistill.config import with_method
+from mmdistill.evaluation.baselines import coreset_phases
+from mmdistill.evaluation.student import evaluate_phases
+from mmdistill.io import folder_lock, write_json, write_text
+from mmdistill.pipeline import open_study
+from mmdistill.synthetic import load_synthetic
+
+logger = logging.getLogger(__name__)
+
+# The students, each a set of model overrides: the distilling encoder frozen and fine-tuned, ConvNets of other
+# widths and depths from scratch, and a ResNet from random init (timm; no weights are downloaded).
+STUDENTS: dict[str, dict] = {
+    "efficientnet_lite0, frozen": {"image_encoder": "efficientnet_lite0", "image_trainable": False, "pretrained": True},
+    "efficientnet_lite0, fine-tuned": {
+        "image_encoder": "efficientnet_lite0",
+        "image_trainable": True,
+        "pretrained": True,
+    },
+    "convnet depth 3 width 32, scratch": {
+        "image_encoder": "convnet",
+        "image_trainable": True,
+        "convnet": {"depth": 3, "width": 32},
+    },
+    "convnet depth 2 width 64, scratch": {
+        "image_encoder": "convnet",
+        "image_trainable": True,
+        "convnet": {"depth": 2, "width": 64},
+    },
+    "timm:resnet18, scratch": {"image_encoder": "timm:resnet18", "image_trainable": True, "pretrained": False},
+}
+
+
+def pixel_method(cfg) -> str:
+    """The method that distils pixels for this preset: its own, or ptm-st+pixels on a feature-space preset."""
+    return "ptm-st+pixels" if cfg.distill.space == "feature" else cfg.distill.method
+
+
+def _with_lr(phases: list[dict], lr: float | None) -> list[dict]:
+    if lr is None:
+        return phases
+    return [{**phase, "lr_img": torch.tensor([lr]), "lr_txt": torch.tensor([lr])} for phase in phases]
+
+
+def best_on_validation(cfg, bundle, phases: list[dict], lrs: list[float | None], seed: int) -> dict:
+    """The results entry of the lr (None: the phases' own) whose `evaluate.runs` students score the best mean
+    validation r_mean, with that lr and every candidate's score."""
+    best, scores = None, {}
+    for lr in lrs:
+        result = evaluate_phases(cfg, bundle, _with_lr(phases, lr), runs=cfg.evaluate.runs, seed=seed)
+        score = statistics.fmean(run["val"]["r_mean"] for run in result["per_run"])
+        scores["own" if lr is None else str(lr)] = round(score, 4)
+        if best is None or score > best[0]:
+            best = (score, result, lr)
+    return {**best[1], "lr": "own" if best[2] is None else best[2], "val_r_mean_by_lr": scores}
+
+
+def _student_cfg(cfg, overrides: dict):
+    return OmegaConf.merge(cfg, {"model": overrides, "evaluate": {"image_encoder": None}})
+
+
+def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> dict:
+    """Distil pixels with the preset's encoder (reused when unchanged), then one row per student."""
+    out, students = Path(out), students or STUDENTS
+    with folder_lock(out):
+        study = open_study(cfg, out)
+        method = pixel_method(cfg)
+        study.row(method)  # distils (or reuses) and scores it under the distilling student
+        pixel_cfg = with_method(cfg, method)
+        distilled = load_synthetic(study.distill_dir(method))
+        bundle = study.bundle()
+        coreset = coreset_phases(pixel_cfg, bundle, "random", out / "experts", cfg.seed)
+        lrs = list(cfg.evaluate.coreset_lrs)
+        rows = {}
+        for name, overrides in students.items():
+            started = time.perf_counter()
+            student = _student_cfg(pixel_cfg, overrides)
+            rows[name] = {
+                method: best_on_validation(student, bundle, distilled, [None, *lrs], cfg.seed),
+                "random": best_on_validation(student, bundle, coreset, lrs, cfg.seed),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            logger.info(
+                "%s: %s %.1f, random %.1f (%.0f s)",
+                name,
+                method,
+                rows[name][method]["r_mean"],
+                rows[name]["random"]["r_mean"],
+                rows[name]["seconds"],
+            )
+        results = {
+            "preset": cfg.name,
+            "method": method,
+            "distilled_with": cfg.model.image_encoder,
+            "pairs": sum(p.pairs for p in cfg.distill.phases),
+            "students": rows,
+        }
+        write_json(results, out / "cross-arch.json")
+        table = cross_arch_table(results)
+        write_text(f"# Cross-architecture transfer ({cfg.name})\n\n{table}\n", out / "cross-arch.md")
+    print(table)
+    return results
+
+
+def cross_arch_table(results: dict) -> str:
+    """Markdown: one row per student, r_mean ± std on test of the distilled set and the random coreset."""
+    method = results["method"]
+    lines = [
+        f"Images distilled by `{method}` through `{results['distilled_with']}` ({results['pairs']} pairs), trained"
+        " on by each student; r_mean on test, mean ± std over the runs, each set at the lr its students score best"
+        " on validation.",
+        "",
+        f"| student | {method} | lr | random coreset | lr | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["students"].items():
+        ours, random = row[method], row["random"]
+        ratio = f"{ours['r_mean'] / random['r_mean']:.2f}x" if random["r_mean"] > 0 else "-"
+        lines.append(
+            f"| {name} | {ours['r_mean']:.1f} ± {ours['r_mean_std']:.1f} | {ours['lr']} |"
+            f" {random['r_mean']:.1f} ± {random['r_mean_std']:.1f} | {random['lr']} | {ratio} |"
+        )
+    return "\n".join(lines)
