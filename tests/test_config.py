@@ -174,9 +174,6 @@ def test_gradient_mode_exact_is_a_deprecated_alias_of_tesla(caplog):
     assert from_dict(old_run).distill.gradient == "tesla"
 
 
-PAPER_PRESETS = [f"{data}-{budget}" for data in ("flickr30k", "coco", "cc3m") for budget in (100, 200, 500)]
-
-
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_paper_presets_have_the_papers_budgets_and_the_specs_phases(name):
     """Budgets 100/200/500 as the paper states them (not the reference's off-by-one 99/199/499), 2000 iterations

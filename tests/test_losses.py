@@ -11,7 +11,7 @@ from mmdistill.losses import LOSSES, WBCE_EPS
 TEMPERATURE_SCALE = 1 / 0.07  # logits = cos / T, as the student computes them
 
 
-# -- the spec's formulas, written out element by element (no torch.nn.functional) ------------------------
+# -- the reference's formulas, written out element by element (no torch.nn.functional) -------------------
 def _log_softmax_rows(z):
     return [[z[i][j] - math.log(sum(math.exp(v) for v in z[i])) for j in range(len(z[i]))] for i in range(len(z))]
 

@@ -1,4 +1,4 @@
-"""The matching gradient: exact (TESLA) == unroll with a detached parameter path, fd ~ exact, unroll == the true
+"""The matching gradient: tesla == unroll with a detached parameter path, fd ~ tesla, unroll == the true
 derivative, dropout masks and blend draws replayed, autograd memory flat in syn_steps (fd keeps one parameter
 copy per step beside it), the GPU switches (bfloat16 autocast, channels_last) against float32, and descent on a toy
 problem."""
@@ -90,13 +90,13 @@ def relative_error(grads, reference):
         ("lowrank", "feature", False),
     ],
 )
-def test_exact_equals_unroll_with_detached_parameter_path(kind, space, merge):
+def test_tesla_equals_unroll_with_detached_parameter_path(kind, space, merge):
     setup, inner = problem(kind=kind, space=space), plan()
-    loss, exact = gradient(setup, inner, "tesla", kind, merge_branches=merge)
+    loss, tesla = gradient(setup, inner, "tesla", kind, merge_branches=merge)
     loss_unroll, unroll = gradient(setup, inner, "unroll", kind, merge_branches=merge, detach_inner=True)
     assert loss == pytest.approx(loss_unroll, rel=1e-12)
-    assert {"images", "texts", "lr_img", "lr_txt"} <= exact.keys()
-    assert relative_error(exact, unroll) < 1e-6
+    assert {"images", "texts", "lr_img", "lr_txt"} <= tesla.keys()
+    assert relative_error(tesla, unroll) < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["tesla", "fd", "unroll"])
@@ -123,35 +123,35 @@ def test_pixels_through_a_frozen_encoder_are_encoded_once_with_the_same_gradient
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-5), (torch.float32, 1e-2)])
 @pytest.mark.parametrize("kind", ["full", "lowrank"])
-def test_fd_matches_exact(dtype, tolerance, kind):
+def test_fd_matches_tesla(dtype, tolerance, kind):
     """Measured: ~8e-7 in float64 and ~8e-4 in float32 (without frozen ReLU pieces float32 was off by 7x)."""
     setup, inner = problem(dtype, kind), plan()
     loss_fd, fd = gradient(setup, inner, "fd", kind)
-    loss_exact, exact = gradient(setup, inner, "tesla", kind)
-    assert loss_fd == loss_exact
-    assert relative_error(fd, exact) < tolerance
+    loss_tesla, tesla = gradient(setup, inner, "tesla", kind)
+    assert loss_fd == loss_tesla
+    assert relative_error(fd, tesla) < tolerance
 
 
 def test_fd_holds_relu6_and_inplace_relu_on_their_pieces():
     setup = problem(torch.float32, encoder=ClampNet())
     setup[1]["images"] *= 20  # push pre-activations past ReLU6's upper kink too
     _, fd = gradient(setup, plan(), "fd")
-    _, exact = gradient(setup, plan(), "tesla")
-    assert relative_error(fd, exact) < 1e-2
+    _, tesla = gradient(setup, plan(), "tesla")
+    assert relative_error(fd, tesla) < 1e-2
     assert setup[0].image_encoder[1].inplace  # restored after the replay
 
 
 def test_dropout_masks_are_replayed():
     setup = problem(dropout=0.3)
-    _, exact = gradient(setup, plan(), "tesla")
+    _, tesla = gradient(setup, plan(), "tesla")
     _, unroll = gradient(setup, plan(), "unroll", detach_inner=True)
     _, fd = gradient(setup, plan(), "fd")
-    assert relative_error(exact, unroll) < 1e-6
-    assert relative_error(fd, exact) < 1e-5
+    assert relative_error(tesla, unroll) < 1e-6
+    assert relative_error(fd, tesla) < 1e-5
     other_masks = plan()
     other_masks.seeds = [s + 1 for s in other_masks.seeds]
     _, other = gradient(setup, other_masks, "tesla")
-    assert relative_error(other, exact) > 1e-3  # dropout is live: other masks, other gradient
+    assert relative_error(other, tesla) > 1e-3  # dropout is live: other masks, other gradient
 
 
 def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
@@ -165,13 +165,13 @@ def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
     monkeypatch.setattr(
         model, "logits_at", lambda flat, x, t, blend=None: seen.append(blend) or logits_at(flat, x, t, blend)
     )
-    _, exact = gradient(setup, inner, "tesla")
+    _, tesla = gradient(setup, inner, "tesla")
     assert seen == inner.blends * 2  # pass 1, then the replay: the same (lam, perm) objects, step by step
     seen.clear()
     _, unroll = gradient(setup, inner, "unroll", detach_inner=True)
-    assert relative_error(exact, unroll) < 1e-6
+    assert relative_error(tesla, unroll) < 1e-6
     _, unblended = gradient(setup, plan(), "tesla")
-    assert relative_error(unblended, exact) > 1e-3
+    assert relative_error(unblended, tesla) > 1e-3
 
 
 def test_unroll_is_the_derivative_of_the_matching_loss():
@@ -190,8 +190,8 @@ def test_unroll_is_the_derivative_of_the_matching_loss():
     numeric = (loss_at(1) - loss_at(-1)) / (2 * h)
     analytic = sum((grads[k] * direction[k]).sum().item() for k in syn)
     assert analytic == pytest.approx(numeric, rel=1e-5)
-    _, exact = gradient(setup, inner, "tesla", "lowrank")
-    assert relative_error(exact, grads) > 1e-3  # unroll keeps the parameter path that exact drops
+    _, tesla = gradient(setup, inner, "tesla", "lowrank")
+    assert relative_error(tesla, grads) > 1e-3  # unroll keeps the parameter path that tesla drops
 
 
 class SavedTensorBytes:
@@ -250,12 +250,12 @@ def test_fd_records_one_point_per_step_and_frees_them_in_pass_two():
     assert [len(s.activations) for s in steps] == [1] * 4  # the ConvNet's one ReLU, per step
     assert [tuple(s.base[0].shape) for s in steps] == [(len(b), 3, PX, PX) for b in inner.batches]
     v = {g: torch.randn_like(t) for g, t in start.items()}
-    loop.replay(start, v, exact=False, fd_step=1e-4, steps=steps)
+    loop.replay(start, v, tesla=False, fd_step=1e-4, steps=steps)
     assert steps == [None] * 4
 
 
 def test_bfloat16_autocast_gradient_error_against_float32(record_property):
-    """The GPU switch on CPU: autocast's gradient against the float32 exact one, reported (pytest -s shows it)."""
+    """The GPU switch on CPU: autocast's gradient against the float32 tesla one, reported (pytest -s shows it)."""
     model, syn, start, target = problem(torch.float32, encoder=ConvNet(PX, depth=2, width=8))
     inner = plan(steps=6)
     _, reference = gradient((model, syn, start, target), inner, "tesla")
@@ -268,8 +268,8 @@ def test_bfloat16_autocast_gradient_error_against_float32(record_property):
     for mode, error in errors.items():
         record_property(f"relative_error_{mode.replace(' ', '_')}", error)
     print(
-        f"\nbfloat16 autocast, relative gradient error vs float32 exact: fd {errors['fd']:.3f}, "
-        f"exact {errors['tesla']:.3f} (float32 fd: {errors['fd float32']:.4f})"
+        f"\nbfloat16 autocast, relative gradient error vs float32 tesla: fd {errors['fd']:.3f}, "
+        f"tesla {errors['tesla']:.3f} (float32 fd: {errors['fd float32']:.4f})"
     )
     assert errors["fd float32"] < 0.01
     assert 0 < errors["tesla"] < 0.25 and 0 < errors["fd"] < 0.35  # bfloat16 keeps 8 significant bits

@@ -178,27 +178,42 @@ def _chromium(profile: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+def _probe(folder: Path, profile: str) -> subprocess.CompletedProcess:
+    """Load `folder`/report.html in the probe page. `--enable-logging=stderr --v=0` is what makes Chromium write
+    the pages' console messages to stderr (without it a console.error leaves no trace there)."""
+    (folder / "probe.html").write_text(_PROBE)
+    return _chromium(
+        profile,
+        "--allow-file-access-from-files",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        (folder / "probe.html").as_uri(),
+    )
+
+
+def _console_errors(stderr: str) -> list[str]:
+    """The lines of a probe's stderr that report a console message or an uncaught exception of the pages, e.g.
+    `[...:INFO:CONSOLE:1] "Uncaught Error: bang", source: file:///.../report.html (1)`."""
+    return [line for line in stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+
+
+_NEEDS_CHROMIUM = pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="Debian's chromium is not installed: `make setup` installs it when it runs as root or with sudo",
 )
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
 def test_html_renders_in_headless_chromium(run_dir):
-    (run_dir / "probe.html").write_text(_PROBE)
     with tempfile.TemporaryDirectory() as profile:
-        probe = _chromium(
-            profile,
-            "--allow-file-access-from-files",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            (run_dir / "probe.html").as_uri(),
-        )
+        probe = _probe(run_dir, profile)
         shown = json.loads(html_module.unescape(re.search(r'<pre id="probe">(.*?)</pre>', probe.stdout, re.S)[1]))
         screenshot = run_dir / "screenshot.png"
         _chromium(profile, f"--screenshot={screenshot}", "--window-size=1280,1600", (run_dir / "report.html").as_uri())
-    assert not [line for line in probe.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not _console_errors(probe.stderr)
     assert shown["headings"][0] == "mmdistill report: shapes-tiny"
     assert set(METHODS) <= {m.strip() for m in shown["methods"]}  # the results table, one row per method
     assert "30.0 ± 1.0" in shown["text"]
@@ -213,3 +228,17 @@ def test_html_renders_in_headless_chromium(run_dir):
     assert image.size == (1280, 1600)
     low, high = image.getextrema()
     assert high - low > 100  # text and figures on the page, not a blank screen
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
+def test_the_console_check_catches_a_page_error(tmp_path):
+    """The check above can fail: a report that logs an error and throws one is caught through the same probe."""
+    (tmp_path / "report.html").write_text(
+        '<!doctype html><html><body><p>page</p><script>console.error("boom")</script>'
+        '<script>throw new Error("bang")</script></body></html>'
+    )
+    with tempfile.TemporaryDirectory() as profile:
+        errors = _console_errors(_probe(tmp_path, profile).stderr)
+    assert any('"boom"' in line for line in errors)
+    assert any("Uncaught Error: bang" in line for line in errors)

@@ -42,7 +42,7 @@ def spec_shortcut(trajectory: torch.Tensor, layout: ParamLayout, start: int, end
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """float32 results against the float64 spec formula."""
+    """float32 results against the float64 formula (`spec_shortcut`)."""
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from mmdistill import __version__
 from mmdistill.errors import UserError
 
+# Named rather than __name__, which is "__main__" under `python -m mmdistill.cli`: outside the "mmdistill" logger
+# whose level setup_logging sets, its info messages would be dropped.
+logger = logging.getLogger("mmdistill.cli")
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_SINKS = ("tensorboard", "wandb")
 
@@ -111,7 +115,7 @@ def cmd_export(args):
     from mmdistill.synthetic import export, load_distilled
 
     out = export(load_distilled(Path(args.source)), args.to, Path(args.out), push=args.push)
-    print(f"exported to {out}" + (f" and pushed to {args.push}" if args.push else ""))
+    logger.info("exported to %s%s", out, f" and pushed to {args.push}" if args.push else "")
 
 
 def cmd_inspect(args):

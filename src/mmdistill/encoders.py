@@ -445,8 +445,3 @@ def _lookup(registry: dict[str, Callable], name: str, kind: str) -> tuple[Callab
 
 def _display_names(registry: dict[str, Callable]) -> list[str]:
     return [key + "<name>" if key.endswith(":") else key for key in registry]
-
-
-def list_encoders() -> dict[str, list[str]]:
-    """Encoder names for help text, e.g. {'image': ['convnet', ..., 'timm:<name>'], 'text': [...]}."""
-    return {"image": _display_names(IMAGE_ENCODERS), "text": _display_names(TEXT_ENCODERS)}

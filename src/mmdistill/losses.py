@@ -66,7 +66,3 @@ def mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES = {"nce": nce, "cwcl": cwcl, "kl": kl, "bce": bce, "wbce": wbce, "mse": mse}
-
-
-def get_loss(name: str):
-    return LOSSES[name]

@@ -1,4 +1,7 @@
-"""Image-text retrieval metrics (recall at K in both directions) by counting, plus a plain argsort reference.
+"""Image-text retrieval metrics (recall at K in both directions) by counting.
+
+The plain per-query argsort implementation that tests and `mmdistill bench metrics` check them against is
+`retrieval_metrics_reference` in `mmdistill/bench/metrics.py`.
 
 Rank convention (both implementations): the rank of a ground-truth candidate is its position in a stable
 descending sort of the query's scores, i.e. the number of candidates scoring strictly higher plus the number
@@ -163,8 +166,9 @@ def retrieval_metrics(sim: torch.Tensor, img2txt, txt2img, block: tuple[int, int
     sim: images x texts scores (higher = more similar), on any device (counted on the CPU); img2txt: caption
     ids of each image; txt2img: image id of each caption. IR ranks each caption's image among all images; TR
     takes, per image, the best rank among its captions. Ranks follow the stable-argsort convention of the
-    module docstring, so results equal `retrieval_metrics_reference` exactly, ties included. `block` (rows
-    at most 255, columns) sets the piece of the matrix counted at a time; it changes speed, not results.
+    module docstring, so results equal `bench.metrics.retrieval_metrics_reference` exactly, ties included.
+    `block` (rows at most 255, columns) sets the piece of the matrix counted at a time; it changes speed, not
+    results.
     """
     if not (1 <= block[0] <= 255 and block[1] >= 1):
         raise ValueError(f"block must be (1..255 rows, >= 1 columns), got {block}")

@@ -251,7 +251,7 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
     write_json(results, out / "results.json")
     log_table(results["methods"])
     print(format_table(results["methods"]))
-    print(f"results: {out / 'results.json'}; report: {outputs[0]}")
+    logger.info("results: %s; report: %s", out / "results.json", outputs[0])
     return results
 
 
@@ -286,11 +286,13 @@ def demo(out: Path = Path("runs/demo"), device: str | None = None) -> dict:
     methods = results["methods"]
     distilled, random, full = (methods[m]["r_mean"] for m in (cfg.distill.method, "random", "full"))
     if random > 0 and full > 0:
-        print(
-            f"{cfg.distill.method} r_mean = {distilled / random:.1f}x the random coreset's and"
-            f" {distilled / full:.2f}x the full data's"
+        logger.info(
+            "%s r_mean = %.1fx the random coreset's and %.2fx the full data's",
+            cfg.distill.method,
+            distilled / random,
+            distilled / full,
         )
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; open {Path(out) / 'report.html'} in a browser")
+    logger.info("demo finished in %.0f s; open %s in a browser", time.perf_counter() - start, Path(out) / "report.html")
     return results
 
 

@@ -51,7 +51,9 @@ class Split:
 
 
 def clean_caption(text: str, max_words: int = 30) -> str:
-    """Spec 1 cleaning: lowercase, `.!"()*#:;~` become spaces, whitespace collapsed, cut to `max_words` words."""
+    """Lowercase, `.!"()*#:;~` become spaces, whitespace collapsed, cut to `max_words` words. This is the reference
+    code's caption cleaning, so the text features match the ones its experts and synthetic sets were made from;
+    captions that differ only in case or in those marks embed alike."""
     return " ".join(_DROPPED_CHARACTERS.sub(" ", text.lower()).split()[:max_words])
 
 

@@ -659,6 +659,3 @@ def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, exp
         },
         out,
     )
-
-
-# ----------------------------------------------------------------------------------------------- benchmark

@@ -17,12 +17,12 @@ Three modes, one signature:
   with ReLU-type activations held on the pieces the base gradient chose (`_FrozenPieces`). The base gradient
   grad_x l(theta_i, x) comes from pass 1, which keeps it with theta_i and the pieces of every step (one
   parameter copy per step, as the reference keeps its whole student trajectory), so pass 2 is one backward
-  into the inputs per step. On CPU, 1 thread, an iteration costs 2.1x (shapes-100), 2.4x (shapes-scratch-100)
-  and 1.8x (NFNet-L0 at 64 px) the CPU time of N plain training steps, against 3.4x, 3.0x and 2.6x when pass
-  2 recomputed the base gradient; its float32 gradient is within 0.5% of a float64 exact one (closer than
-  float32 exact, 2.4%).
+  into the inputs per step. On CPU, 1 thread, an iteration costs 2.10x (shapes-100), 2.22x (shapes-scratch-100)
+  and 1.63x (NFNet-L0 at 64 px) the CPU time of N plain training steps, against 3.44x, 2.99x and 2.58x when
+  pass 2 recomputed the base gradient (README's speed table; `mmdistill bench iteration` measures them); its
+  float32 gradient is within 0.5% of a float64 tesla one (closer than float32 tesla, 2.4%).
 - unroll: autograd through the whole loop, parameter path included (MTT-VL); memory grows with N.
-  `detach_inner=True` cuts the parameter path, which is exactly what exact and fd compute (used by tests).
+  `detach_inner=True` cuts the parameter path, which is exactly what tesla and fd compute (used by tests).
 
 Every random choice of the loop (mini-batches, blend draws, dropout masks) is drawn once in an `InnerPlan`
 and replayed in every pass; the reference redraws dropout masks in its recompute pass,
@@ -181,14 +181,14 @@ class InnerLoop:
         self,
         theta_0: dict[str, torch.Tensor],
         v: dict[str, torch.Tensor],
-        exact: bool,
+        tesla: bool,
         fd_step: float,
         steps: list[_Step] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pass 2: sum_i d(v . g_i)/d(inputs of step i), scattered back onto the synthetic set.
 
-        exact replays the loop from theta_0; fd reads each step's point, base gradients and pieces from the
-        `steps` its recording pass 1 kept, and frees each once used.
+        `tesla` replays the loop from theta_0 with a double backward per step; otherwise (fd) each step's point,
+        base gradients and pieces come from the `steps` its recording pass 1 kept, each freed once used.
         """
         scatter = _Scatter(self)
         eps = fd_step * (_norm(theta_0) / _norm(v).clamp_min(torch.finfo(v["img"].dtype).tiny)).item()
@@ -197,7 +197,7 @@ class InnerLoop:
             for i in range(len(self.plan.batches)):
                 inputs = self.leaves(i)
                 learned = [inputs[k] for k in self.learned]
-                if exact:
+                if tesla:
                     point = {m: t.detach().requires_grad_() for m, t in theta.items()}
                     grads = autograd.grad(self.loss(i, point, inputs), list(point.values()), create_graph=True)
                     hvp = autograd.grad(sum((v[m] * g).sum() for m, g in zip(point, grads)), learned)
@@ -236,8 +236,8 @@ class _FrozenPieces:
 
     Where an activation changes piece between theta_i and theta_i + eps v, the difference quotient picks up the
     jump of its derivative divided by eps; in a float32 ReLU ConvNet that noise swamps the image gradient (cosine
-    ~0.1 to the exact one). With the pieces frozen the quotient converges to the mixed derivative that the
-    exact mode computes. Activations called as functions (F.relu) are not seen; smooth ones need nothing.
+    ~0.1 to the tesla one). With the pieces frozen the quotient converges to the mixed derivative that the
+    tesla mode computes. Activations called as functions (F.relu) are not seen; smooth ones need nothing.
     """
 
     def __init__(self, model):
@@ -316,14 +316,14 @@ def _norm(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # Relative finite-difference step: eps ||v|| = FD_STEP ||theta_0||. One-sided differences are enough: against a
-# float64 exact reference (shapes-scratch-100 ConvNet, dropout 0.1), float32 fd with 1e-4 is off by 0.4% on the images
-# (the float32 exact mode itself by 2.4%); 1e-3 is truncation-bound (1.4%), below 1e-5 rounding starts to show.
+# float64 tesla reference (shapes-scratch-100 ConvNet, dropout 0.1), float32 fd with 1e-4 is off by 0.4% on the images
+# (the float32 tesla mode itself by 2.4%); 1e-3 is truncation-bound (1.4%), below 1e-5 rounding starts to show.
 FD_STEP = {torch.float32: 1e-4, torch.float64: 1e-7}
 # Under bfloat16 autocast each forward pass rounds the parameters to 8 significant bits, so a shift of 1e-4 of
 # their norm mostly vanishes in the rounding; the step is set by that precision instead (tests/test_matching.py
 # reports the error of the resulting gradient against float32). Measured on shapes-tiny and shapes-scratch-100, the
 # error against the float32 gradient is smallest at 1e-2 (12-16 %; 24-33 % at 3e-3 and 3e-2, 68-90 % at 1e-3), where
-# bfloat16 exact is off by 6-10 %.
+# bfloat16 tesla is off by 6-10 %.
 FD_STEP_AUTOCAST = 1e-2
 
 
@@ -398,7 +398,7 @@ def _two_pass(loop: InnerLoop, theta_start, theta_target, mode: str, merge_branc
     d_theta_n = dict(zip(theta_n, autograd.grad(loss, list(theta_n.values()))))
     v = {m: -loop.alpha[m] * d for m, d in d_theta_n.items()}  # dL/dg_i, the same for every step
     fd_step = FD_STEP_AUTOCAST if loop.autocast else FD_STEP[theta_start["img"].dtype]
-    grads = loop.replay(theta_start, v, exact=mode == "tesla", fd_step=fd_step, steps=steps[0] if record else None)
+    grads = loop.replay(theta_start, v, tesla=mode == "tesla", fd_step=fd_step, steps=steps[0] if record else None)
     if merge_branches:  # the lrs always follow their own branch's loss (LoRS merges only the data gradient)
         branches = matching_loss(theta_n, theta_start, theta_target, merge_branches=False)
         d_theta_n = dict(zip(theta_n, autograd.grad(branches, list(theta_n.values()))))

@@ -142,6 +142,3 @@ def export_reference(experts_dir: Path, out: Path, snapshots: tuple[int, int] | 
     store = ExpertStore(experts_dir)
     start, end = snapshots or (0, store.epochs)
     write_reference(store, out, lambda e: store.trajectory(e, start, end))
-
-
-# ---------------------------------------------------------------------------------------------- benchmark

@@ -149,6 +149,3 @@ class ExpertStore:
     def step_norms(self, expert: int) -> dict[str, torch.Tensor]:
         """Per-tensor step norms [E, n_tensors] per group."""
         return {g: self._rows(expert, f"step_norms_{g}", slice(None)) for g in GROUPS}
-
-
-# ---------------------------------------------------------------------------------------------- training

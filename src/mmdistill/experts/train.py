@@ -350,6 +350,3 @@ def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
                 summary["test_std"]["r_mean"],
                 summary["seconds_per_epoch"],
             )
-
-
-# ----------------------------------------------------------------------------------- the reference layout

@@ -197,6 +197,3 @@ def timing_bars(rows: list[tuple[str, float, bool]], path: Path) -> Path:
     _style(ax, "Wall time per stage", "seconds", "")
     ax.grid(axis="y", visible=False)
     return _save(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------- report
