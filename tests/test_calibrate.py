@@ -1,5 +1,6 @@
 """`auto` settings measured per phase, the collapse watch, and failed distillations shown as failed."""
 
+import copy
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from mmdistill.distill.matching import matching_gradient
 from mmdistill.errors import UserError
 from mmdistill.evaluation.results import failure_notes, format_table
 from mmdistill.experts.store import ExpertStore
+from mmdistill.experts.train import train_experts
 from mmdistill.prepare import prepare
 from mmdistill.similarity import full_matrix
 
@@ -90,6 +92,32 @@ def test_a_low_rank_similarity_is_calibrated_on_the_matrix_it_defines(tiny):
     size = dense({k: syn[k] for k in keys}).norm().item()
     relative = result.lr_sim * sum(changes) / len(changes) / size
     assert relative == pytest.approx(RELATIVE_STEP["sim"], rel=1e-2)
+
+
+def test_pixels_through_a_frozen_encoder_are_calibrated_on_their_features(tiny, tmp_path):
+    """The student reads the frozen encoder's features: lr_images moves those by RELATIVE_STEP of their norm in
+    the first step (checked with central differences through the encoder in float64)."""
+    cfg = load_config("shapes-tiny", [*tiny[1], "model.image_trainable=false", "experts.count=1"])
+    train_experts(cfg, tmp_path / "experts")
+    bundle = prepare(cfg)
+    distiller = Distiller(
+        resolve_expert_epochs(cfg, bundle)[0], ExpertStore(tmp_path / "experts"), bundle, torch.device("cpu")
+    )
+    phase = plan_phases(cfg)[0]
+    syn = distiller.init_synthetic(0, phase)
+    result = calibrate(distiller, 0, phase, syn)
+    assert "the images' features" in result.reasons["lr_images"]
+    value = torch.full_like(syn["lr_img"], result.lr_init)
+    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
+    encoder = copy.deepcopy(distiller.model.frozen_image_encoder).double()
+    pixels, eps = syn["images"].double(), 1e-5
+    changes = []
+    for theta_start, theta_target, plan in _windows(distiller, 0, phase):
+        _, grads = matching_gradient(distiller.model, at_init, theta_start, theta_target, plan, **distiller.options)
+        step = eps * grads["images"].double()
+        changes.append(((encoder(pixels + step) - encoder(pixels - step)) / (2 * eps)).norm().item())
+    relative = result.lr_images * sum(changes) / len(changes) / encoder(pixels).norm().item()
+    assert relative == pytest.approx(RELATIVE_STEP["images"], rel=1e-3)
 
 
 def test_configured_values_win_and_identity_similarity_needs_no_lr(tiny):

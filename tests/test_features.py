@@ -96,3 +96,22 @@ def test_corrupt_cache_file_is_a_user_error(tmp_path, pixels):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match=path.name):
         image_features(split, "efficientnet_lite0", 32, tmp_path)
+
+
+def test_a_frozen_random_convnet_caches_what_every_student_s_encoder_computes(tmp_path):
+    """A frozen convnet's cached features were once computed by a default-size convnet of whatever random init
+    the global generator gave, while each student drew its own: other features, even another width."""
+    from mmdistill.config import load_config
+    from mmdistill.model import build_model
+    from mmdistill.prepare import prepare
+
+    shrink = ["data.train_images=20", "data.val_images=4", "data.test_images=4", "model.image_trainable=false"]
+    cfg = load_config("shapes-tiny", [f"cache_dir={tmp_path}", *shrink])
+    bundle = prepare(cfg)
+    pixels = bundle.normalize(bundle.pixels01("test", torch.arange(4), cfg.data.image_size))
+    for seed in (1, 2):
+        student = build_model(cfg.model, text_dim=bundle.text_dim, image_size=cfg.data.image_size, seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(student.frozen_image_encoder(pixels), bundle.features["test"][:4])
+    wider = load_config("shapes-tiny", [f"cache_dir={tmp_path}", *shrink, "model.convnet.width=16"])
+    assert prepare(wider).features["test"].shape[1] == 2 * bundle.features["test"].shape[1]

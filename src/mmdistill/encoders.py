@@ -222,6 +222,23 @@ def build_image_encoder(
     )
 
 
+# A frozen encoder is one fixed map from pixels to features, shared by every student and by the feature cache;
+# where its weights are random (convnet, or pretrained=false) they come from this seed, not from a student's.
+FROZEN_ENCODER_SEED = 0
+
+
+def has_random_weights(name: str, pretrained: bool) -> bool:
+    """Whether `name` starts from random weights (the convnet always does)."""
+    return name == "convnet" or not pretrained
+
+
+def build_frozen_image_encoder(name: str, *, image_size: int, pretrained: bool = True, **convnet) -> nn.Module:
+    """`build_image_encoder` with random weights drawn from FROZEN_ENCODER_SEED (global RNG state untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FROZEN_ENCODER_SEED)
+        return build_image_encoder(name, image_size=image_size, pretrained=pretrained, **convnet)
+
+
 # ------------------------------------------------------------------------------------------------ text encoders
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mmdistill.data import load_image
 from mmdistill.data.transforms import build_transform
-from mmdistill.encoders import build_image_encoder, build_text_encoder
+from mmdistill.encoders import build_frozen_image_encoder, build_text_encoder
 from mmdistill.errors import UserError
 from mmdistill.io import save_tensors
 from mmdistill.utils import digest, progress_bar, resolve_device
@@ -50,11 +50,14 @@ def image_features(
     device: str | torch.device = "cpu",
     batch_size: int = 128,
     pretrained: bool = True,
+    convnet: dict | None = None,
 ) -> torch.Tensor:
     """Features of every image of `split` from a frozen image encoder, float32 CPU [num_images, dim].
 
     Images get the test transform: bicubic resize to `image_size`, normalised with the encoder's own mean/std
-    (which the encoder name and `pretrained` determine, so they are keyed through those).
+    (which the encoder name and `pretrained` determine, so they are keyed through those). `convnet`: the
+    convnet's depth/width/norm/pooling, part of the key for that encoder; random weights come from the fixed
+    seed of `build_frozen_image_encoder`, as the student's frozen encoder does.
     """
     key = {
         "kind": "image",
@@ -65,11 +68,13 @@ def image_features(
         "transform": "none",
         "normalisation": "encoder mean/std",
     }
+    if encoder_name == "convnet":
+        key["convnet"] = dict(convnet or {})
     path = cache_path(cache_dir, key)
     if path.exists():
         return _load(path, len(split))
     device = resolve_device(str(device))
-    encoder = build_image_encoder(encoder_name, image_size=image_size, pretrained=pretrained)
+    encoder = build_frozen_image_encoder(encoder_name, image_size=image_size, pretrained=pretrained, **(convnet or {}))
     encoder.to(device).requires_grad_(False).eval()
     transform = build_transform(image_size, encoder.mean, encoder.std, "none")
     features = torch.empty(len(split), encoder.out_dim)  # filled outside inference_mode: an ordinary tensor

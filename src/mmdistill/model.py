@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mmdistill.encoders import build_image_encoder
+from mmdistill.encoders import build_frozen_image_encoder, build_image_encoder, has_random_weights
 
 GROUPS = ("img", "txt")
 
@@ -170,14 +170,15 @@ def build_model(
     image_encoder: str | None = None,
 ) -> DualEncoder:
     """A fresh student; its random init depends only on `seed` (global RNG state is left untouched)."""
+    name = image_encoder or model_cfg.image_encoder
+    options = {"image_size": image_size, "pretrained": model_cfg.pretrained, **dict(model_cfg.convnet)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = build_image_encoder(
-            image_encoder or model_cfg.image_encoder,
-            image_size=image_size,
-            pretrained=model_cfg.pretrained,
-            **dict(model_cfg.convnet),
-        )
+        encoder = build_image_encoder(name, **options)
+        if not model_cfg.image_trainable and has_random_weights(name, model_cfg.pretrained):
+            # the feature cache holds this encoder's features: the fixed one, not one per student seed (the
+            # student's draw above stays, so the heads start from the same point of the stream either way)
+            encoder = build_frozen_image_encoder(name, **options)
         model = DualEncoder(
             encoder, text_dim, model_cfg.image_trainable, model_cfg.embed_dim, model_cfg.dropout, model_cfg.temperature
         )

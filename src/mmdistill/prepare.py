@@ -150,6 +150,7 @@ def prepare(cfg, verbose: bool = False) -> Prepared:
                 cache_dir(cfg),
                 device,
                 pretrained=cfg.model.pretrained,
+                convnet=dict(cfg.model.convnet),
             )
         if isinstance(split.images, torch.Tensor):
             bundle.pixels[name] = pixel_tensor(split, cfg.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

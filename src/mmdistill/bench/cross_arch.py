@@ -77,7 +77,10 @@ def best_on_validation(cfg, bundle, phases: list[dict], lrs: list[float | None],
 
 
 def _student_cfg(cfg, overrides: dict):
-    return OmegaConf.merge(cfg, {"model": overrides, "evaluate": {"image_encoder": None}})
+    """The student's model settings; its encoder goes through evaluate.image_encoder, the cross-architecture
+    switch, so that a frozen student reads the cached features only where its encoder is the preset's."""
+    model = {k: v for k, v in overrides.items() if k != "image_encoder"}
+    return OmegaConf.merge(cfg, {"model": model, "evaluate": {"image_encoder": overrides.get("image_encoder")}})
 
 
 def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> dict:

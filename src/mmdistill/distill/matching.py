@@ -327,6 +327,11 @@ FD_STEP = {torch.float32: 1e-4, torch.float64: 1e-7}
 FD_STEP_AUTOCAST = 1e-2
 
 
+def through_frozen_encoder(model, images: torch.Tensor) -> bool:
+    """Pixels that a frozen image encoder turns into the features the student reads."""
+    return images.dim() == 4 and not model.image_trainable
+
+
 def encode_frozen(model, syn: dict[str, torch.Tensor], autocast: bool = False, channels_last: bool = False):
     """Pixel space through a frozen image encoder at feature-space cost: (syn with features, pullback) or (syn, None).
 
@@ -339,7 +344,7 @@ def encode_frozen(model, syn: dict[str, torch.Tensor], autocast: bool = False, c
     1 thread): an iteration costs 4.0x its feature-space twin, against about 16x when every step encoded its
     batch; what is left is the encoder's one forward and backward pass over the 50 images.
     """
-    if syn["images"].dim() != 4 or model.image_trainable:
+    if not through_frozen_encoder(model, syn["images"]):
         return syn, None
     pixels = syn["images"].detach().requires_grad_()
     shaped = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
