@@ -231,6 +231,7 @@ def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
             {
                 f"seconds_per_iteration{suffix}": timed["seconds"],
                 f"seconds_plain_steps{suffix}": timed["seconds_plain"],
+                f"cpu_seconds_per_iteration{suffix}": timed["cpu_seconds"],  # what a loaded machine still shows
                 f"ratio{suffix}": timed["seconds"] / timed["seconds_plain"],
                 f"ratio_cpu{suffix}": timed["cpu_seconds"] / timed["cpu_seconds_plain"],
                 f"repeats{suffix}": timed["repeats"],
