@@ -51,11 +51,11 @@ def test_image_features_are_cached_and_reused(tmp_path, monkeypatch, pixels):
     assert features.shape == (4, 1280) and torch.isfinite(features).all()
     assert not features.is_inference()
 
-    build = features_module.build_image_encoder
-    monkeypatch.setattr(features_module, "build_image_encoder", fail_if_built)
+    build = features_module.build_frozen_image_encoder
+    monkeypatch.setattr(features_module, "build_frozen_image_encoder", fail_if_built)
     torch.testing.assert_close(image_features(split, "efficientnet_lite0", 32, tmp_path), features)
 
-    monkeypatch.setattr(features_module, "build_image_encoder", build)  # a new size misses the cache
+    monkeypatch.setattr(features_module, "build_frozen_image_encoder", build)  # a new size misses the cache
     assert image_features(split, "efficientnet_lite0", 48, tmp_path, batch_size=3).shape == (4, 1280)
     assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 2
 
