@@ -13,16 +13,13 @@ student) and cross-arch.md (the table).
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from mmdistill.config import with_method
-from mmdistill.evaluation.baselines import coreset_phases
-from mmdistill.evaluation.student import evaluate_phases
+from mmdistill.evaluation.baselines import best_lr_on_validation, coreset_phases
 from mmdistill.io import folder_lock, write_json, write_text
 from mmdistill.pipeline import open_study
 from mmdistill.synthetic import load_synthetic
@@ -57,25 +54,6 @@ def pixel_method(cfg) -> str:
     return "ptm-st+pixels" if cfg.distill.space == "feature" else cfg.distill.method
 
 
-def _with_lr(phases: list[dict], lr: float | None) -> list[dict]:
-    if lr is None:
-        return phases
-    return [{**phase, "lr_img": torch.tensor([lr]), "lr_txt": torch.tensor([lr])} for phase in phases]
-
-
-def best_on_validation(cfg, bundle, phases: list[dict], lrs: list[float | None], seed: int) -> dict:
-    """The results entry of the lr (None: the phases' own) whose `evaluate.runs` students score the best mean
-    validation r_mean, with that lr and every candidate's score."""
-    best, scores = None, {}
-    for lr in lrs:
-        result = evaluate_phases(cfg, bundle, _with_lr(phases, lr), runs=cfg.evaluate.runs, seed=seed)
-        score = statistics.fmean(run["val"]["r_mean"] for run in result["per_run"])
-        scores["own" if lr is None else str(lr)] = round(score, 4)
-        if best is None or score > best[0]:
-            best = (score, result, lr)
-    return {**best[1], "lr": "own" if best[2] is None else best[2], "val_r_mean_by_lr": scores}
-
-
 def _student_cfg(cfg, overrides: dict):
     """The student's model settings; its encoder goes through evaluate.image_encoder, the cross-architecture
     switch, so that a frozen student reads the cached features only where its encoder is the preset's."""
@@ -100,8 +78,8 @@ def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> d
             started = time.perf_counter()
             student = _student_cfg(pixel_cfg, overrides)
             rows[name] = {
-                method: best_on_validation(student, bundle, distilled, [None, *lrs], cfg.seed),
-                "random": best_on_validation(student, bundle, coreset, lrs, cfg.seed),
+                method: best_lr_on_validation(student, bundle, distilled, [None, *lrs], cfg.seed, "own"),
+                "random": best_lr_on_validation(student, bundle, coreset, lrs, cfg.seed, "own"),
                 "seconds": round(time.perf_counter() - started, 1),
             }
             logger.info(
@@ -141,7 +119,7 @@ def cross_arch_table(results: dict) -> str:
         ours, random = row[method], row["random"]
         ratio = f"{ours['r_mean'] / random['r_mean']:.2f}x" if random["r_mean"] > 0 else "-"
         lines.append(
-            f"| {name} | {ours['r_mean']:.1f} ± {ours['r_mean_std']:.1f} | {ours['lr']} |"
+            f"| {name} | {ours['r_mean']:.1f} ± {ours['r_mean_std']:.1f} | {ours['lr'] or 'own'} |"
             f" {random['r_mean']:.1f} ± {random['r_mean_std']:.1f} | {random['lr']} | {ratio} |"
         )
     return "\n".join(lines)

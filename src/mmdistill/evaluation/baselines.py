@@ -109,15 +109,19 @@ def evaluate_coreset(cfg, bundle: Prepared, method: str, experts_dir, seed: int)
     (shapes-100 random coreset: test r_mean 1.9 at lr 0.1, 7.4 at 0.03), so each lr of the grid trains the same
     `evaluate.runs` seeds and the one with the best mean validation r_mean is reported (its test recall).
     """
-    (phase,) = coreset_phases(cfg, bundle, method, experts_dir, seed)
-    grid = list(cfg.evaluate.coreset_lrs) or [None]
+    phases = coreset_phases(cfg, bundle, method, experts_dir, seed)
+    return best_lr_on_validation(cfg, bundle, phases, list(cfg.evaluate.coreset_lrs) or [None], seed, "experts")
+
+
+def best_lr_on_validation(cfg, bundle: Prepared, phases: list[dict], lrs: list, seed: int, own: str) -> dict:
+    """The results entry of the lr among `lrs` whose `evaluate.runs` students score the best mean validation
+    r_mean, with that lr and every candidate's score. None stands for the phases' own lrs (`own` in the scores)."""
     best, scores = None, {}
-    for lr in grid:
-        if lr is not None:
-            phase = {**phase, "lr_img": torch.tensor([lr]), "lr_txt": torch.tensor([lr])}
-        result = evaluate_phases(cfg, bundle, [phase], runs=cfg.evaluate.runs, seed=seed)
+    for lr in lrs:
+        fixed = {"lr_img": torch.tensor([lr]), "lr_txt": torch.tensor([lr])} if lr is not None else {}
+        result = evaluate_phases(cfg, bundle, [{**p, **fixed} for p in phases], runs=cfg.evaluate.runs, seed=seed)
         score = statistics.fmean(run["val"]["r_mean"] for run in result["per_run"])
-        scores[str(lr if lr is not None else "experts")] = round(score, 4)
+        scores[own if lr is None else str(lr)] = round(score, 4)
         if best is None or score > best[0]:
             best = (score, result, lr)
     return {**best[1], "lr": best[2], "val_r_mean_by_lr": scores}
