@@ -7,8 +7,10 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
+from mmdistill import pipeline
 from mmdistill.bench.cross_arch import STUDENTS, cross_arch_table, pixel_method, run_cross_arch
 from mmdistill.config import load_config
+from mmdistill.errors import UserError
 from mmdistill.model import build_model
 from mmdistill.pipeline import STAGES, Ledger, run
 from mmdistill.tracking import tracking
@@ -222,3 +224,40 @@ def test_the_cross_arch_students_build_offline_and_read_pixels():
         model = build_model(OmegaConf.merge(cfg.model, overrides), text_dim=384, image_size=32, seed=0)
         logits = model(torch.randn(2, 3, 32, 32), torch.randn(2, 384))
         assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name
+
+
+# -- bench budgets ---------------------------------------------------------------------------------------
+def test_bench_budgets_trains_one_set_of_experts_for_every_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "BUDGET_METHODS", ("ptm-st", "lors", "random", "full"))
+    common = [f"cache_dir={tmp_path / 'cache'}", "device=cpu", "evaluate.runs=1"]
+    one_phase = "distill.phases=[{pairs: 10, iterations: 3, start_epochs: [0, 1], shortcut_end: 2}]"
+    cfgs = [load_config("shapes-tiny", common), load_config("shapes-tiny", [*common, one_phase])]  # 20 and 10
+    out = tmp_path / "budgets"
+    results = pipeline.bench_budgets(cfgs, out)
+
+    assert list(results["budgets"]) == ["10", "20"]  # sorted by budget
+    assert all(list(methods) == ["ptm-st", "lors", "random", "full"] for methods in results["budgets"].values())
+    stages = json.loads((out / "stages.json").read_text())
+    assert [key for key in stages if key.startswith("experts")] == ["experts"]
+    assert {"distill ptm-st@10", "distill ptm-st@20", "distill lors@10", "evaluate random@20"} <= set(stages)
+    assert (out / "budget-10/ptm-st/phase-0.safetensors").exists()
+    assert not (out / "budget-10/ptm-st/phase-1.safetensors").exists()  # 10 pairs: one phase
+    assert (out / "budget-20/ptm-st/phase-1.safetensors").exists()
+    page = (out / "budgets.md").read_text()
+    assert "| method | 10 pairs | 20 pairs |" in page and "| best coreset |" in page
+    assert "ptm-st grows with the budget" in page and (out / "budgets.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text()) == results
+
+    again = pipeline.bench_budgets(cfgs, out)  # every stage reused
+    assert set(again["timing"]["reused"]) >= {"prepare", "experts", "distill", "evaluate"}
+    assert again["budgets"] == results["budgets"]
+
+
+def test_bench_budgets_refuses_budgets_that_cannot_share_experts(tmp_path):
+    common = [f"cache_dir={tmp_path / 'cache'}", "device=cpu"]
+    cfgs = [load_config("shapes-tiny", common), load_config("shapes-tiny", [*common, "experts.epochs=4"])]
+    with pytest.raises(UserError, match="must share seed, data, model and experts"):
+        pipeline.bench_budgets(cfgs, tmp_path / "out")
+    with pytest.raises(UserError, match="budgets in common"):
+        pipeline.bench_budgets([cfgs[0], cfgs[0]], tmp_path / "out")
+    assert not (tmp_path / "out" / "experts").exists()  # refused before any work

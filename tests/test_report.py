@@ -12,8 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from mmdistill.evaluation.results import ablation_claims, budget_claims
 from mmdistill.io import save_tensors
-from mmdistill.report.document import markdown_table, write_report
+from mmdistill.report.document import (
+    budget_table,
+    markdown_table,
+    write_budget_report,
+    write_report,
+    write_table_report,
+)
 
 METHODS = ("ptm-st", "random", "full")
 
@@ -129,6 +136,58 @@ def test_diverged_runs_are_counted_in_the_tables(tmp_path):
     assert rows["ptm-st"].endswith("| 2 (1 diverged) |  |") and rows["random"].endswith("| 2 |  |")
     write_report(tmp_path, results)
     assert "<td>2 (1 diverged)</td>" in (tmp_path / "report.html").read_text()
+
+
+def _r_mean(value: float) -> dict:
+    return {**_entry(1.0, 0.5), "r_mean": value}
+
+
+def _budgets(ptm: tuple, lors: tuple) -> dict:
+    return {
+        str(pairs): {"ptm-st": _r_mean(p), "lors": _r_mean(q), "random": _r_mean(5.0), "kcenter": _r_mean(7.0)}
+        for pairs, p, q in zip((100, 200, 500), ptm, lors)
+    }
+
+
+def test_budget_claims_hold_only_when_ptm_st_grows_and_stays_ahead():
+    good = budget_claims(_budgets((20.0, 25.0, 30.0), (18.0, 22.0, 26.0)))
+    assert good[0] == "ptm-st grows with the budget, 20.0 (100) < 25.0 (200) < 30.0 (500): holds"
+    assert good[1] == "ptm-st above lors at every budget, by +2.0 (100), +3.0 (200), +4.0 (500): holds"
+    assert good[2].startswith("ptm-st above kcenter") and good[2].endswith("holds")  # the best coreset
+    bad = budget_claims(_budgets((20.0, 25.0, 24.0), (18.0, 26.0, 20.0)))
+    assert bad[0].endswith("DOES NOT HOLD") and bad[1].endswith("DOES NOT HOLD")
+
+
+def test_ablation_claims_check_the_paper_s_table_4_ordering():
+    methods = {name: _r_mean(value) for name, value in [("base", 10), ("ema", 12), ("ptm", 11), ("st", 13)]}
+    assert ablation_claims(methods) == []  # without ptm+st+ema there is no claim to check
+    methods["ptm+st+ema"] = _r_mean(12.5)
+    claims = ablation_claims(methods)
+    assert len(claims) == 6
+    assert [c for c in claims if c.endswith("DOES NOT HOLD")] == ["ptm+st+ema 12.5 >= st 13.0: DOES NOT HOLD"]
+
+
+def test_budget_page_has_the_table_the_claims_and_the_figure(tmp_path):
+    budgets = _budgets((20.0, 25.0, 30.0), (18.0, 22.0, 26.0))
+    table = budget_table(budgets)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert table.splitlines()[0] == "| method | 100 pairs | 200 pairs | 500 pairs |"
+    assert rows["ptm-st"] == "| ptm-st | 20.0 ± 0.5 | 25.0 ± 0.5 | 30.0 ± 0.5 |"
+    assert rows["best coreset"] == "| best coreset | 7.0 ± 0.5 (kcenter) | 7.0 ± 0.5 (kcenter) | 7.0 ± 0.5 (kcenter) |"
+    results = {"presets": ["s-100", "s-200", "s-500"], "dataset": "shapes", "seed": 0, "budgets": budgets}
+    write_budget_report(tmp_path / "budgets.md", results, tmp_path / "budgets.png")
+    page = (tmp_path / "budgets.md").read_text()
+    assert table in page and "## The paper's claims" in page and "## 500 pairs (s-500)" in page
+    assert Image.open(tmp_path / "budgets.png").size[0] > 300
+
+
+def test_ablation_page_states_the_paper_s_ordering(tmp_path):
+    names = ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+ema")
+    results = {"preset": "p", "dataset": "shapes", "pairs": 500, "seed": 0}
+    results["methods"] = {name: _r_mean(10.0 + i) for i, name in enumerate(names)}
+    write_table_report(tmp_path / "ablation.md", "Ablation", results, tmp_path / "ablation.png")
+    page = (tmp_path / "ablation.md").read_text()
+    assert "- ptm+st+ema 17.0 >= ema 11.0: holds" in page and "- st 13.0 >= base 10.0: holds" in page
 
 
 def test_recall_curve_is_plotted_when_the_pipeline_measured_it(run_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -155,9 +156,27 @@ def cmd_bench(args):
     if args.what == "robustness":  # its sets bring their own presets
         bench.robustness(out=args.out, as_json=args.json)
         return
+    if args.what == "budgets":  # one preset per budget, from the family of --preset
+        cfgs = _budget_configs(args)
+        with _tracked(args):
+            bench.budgets(cfgs, out=Path(args.out) if args.out else None, as_json=args.json)
+        return
     cfg = _config(args)
     with _tracked(args):
         getattr(bench, args.what.replace("-", "_"))(cfg, out=Path(args.out) if args.out else None, as_json=args.json)
+
+
+def _budget_configs(args) -> list:
+    """The configs of `bench budgets`: --preset's family (shapes-large-500 -> shapes-large-<N>) at each of
+    --budgets, with the same --config and --set applied to each."""
+    if not args.preset:
+        raise UserError("bench budgets: give --preset NAME-<pairs> (e.g. shapes-large-500), the family of the budgets")
+    try:
+        budgets = sorted({int(b) for b in args.budgets.split(",") if b.strip()})
+    except ValueError:
+        raise UserError(f"--budgets: expected pair counts like 100,200,500, got {args.budgets!r}") from None
+    family = re.sub(r"-\d+$", "", args.preset)
+    return [_config(argparse.Namespace(**{**vars(args), "preset": f"{family}-{pairs}"})) for pairs in budgets]
 
 
 def _tracked(args):
@@ -335,13 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ablate", "the paper's Table 4 ablation grid", cmd_ablate)
     _common(p, out_required=True)
 
-    p = command("bench", "benchmarks: storage | iteration | quality | cross-arch | robustness | metrics", cmd_bench)
+    p = command(
+        "bench", "benchmarks: storage | iteration | quality | budgets | cross-arch | robustness | metrics", cmd_bench
+    )
     p.add_argument(
         "what",
-        choices=["storage", "iteration", "quality", "cross-arch", "robustness", "metrics"],
+        choices=["storage", "iteration", "quality", "budgets", "cross-arch", "robustness", "metrics"],
         help="which benchmark",
     )
     _common(p)
+    p.add_argument(
+        "--budgets",
+        default="100,200,500",
+        help="bench budgets: pair counts, one preset of --preset's family each (default 100,200,500)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -5,9 +5,11 @@ Output folder:
     distilled/               the preset method's phases, checkpoints/ inside
     ablation/<name>/         one distillation per Table 4 variant (ablate)
     methods/<name>/          the other engine methods (bench quality)
+    budget-<pairs>/<name>/   every method at one budget (bench budgets; the experts are shared)
     stages.json              per stage: fingerprint, finished or not, version, result
     results.json             the evaluated methods and the wall time per stage
-    report.md, report.html, figures/ (run); ablation.md, quality.md + bar charts (ablate, bench quality)
+    report.md, report.html, figures/ (run); ablation.md, quality.md + bar charts (ablate, bench quality);
+    budgets.md + budgets.png (bench budgets)
 
 A stage's fingerprint hashes the config sections it reads and the versions of the stages it reads from. It is
 skipped when a finished record has the same fingerprint and its outputs exist; otherwise its stale outputs are
@@ -17,6 +19,7 @@ with the same fingerprint continues from its files (finished experts, distillati
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +41,7 @@ from mmdistill.evaluation.student import evaluate_phases
 from mmdistill.experts.train import train_experts
 from mmdistill.io import folder_lock, write_json
 from mmdistill.prepare import check_pairs, prepare
-from mmdistill.report.document import STAGES, write_report, write_table_report
+from mmdistill.report.document import STAGES, write_budget_report, write_report, write_table_report
 from mmdistill.synthetic import load_phase, load_synthetic
 from mmdistill.tracking import log_scalars, log_table
 from mmdistill.utils import digest
@@ -46,6 +49,7 @@ from mmdistill.utils import digest
 logger = logging.getLogger(__name__)
 
 QUALITY = ("mtt-vl", "lors", "ptm-st", "ptm-st+blend", *CORESETS, "full")
+BUDGET_METHODS = ("ptm-st", "lors", "mtt-vl", "ptm-st+blend", *CORESETS, "full")
 CURVE_POINTS = 4  # intermediate snapshots per phase evaluated for the recall curve (1 run each)
 
 
@@ -143,8 +147,11 @@ class Study:
     ledger: Ledger
     bundle: Callable  # -> Prepared, built on first use (the feature cache makes it cheap)
     experts: str  # version of the experts stage
+    budget: int | None = None  # bench budgets: this study's rows are one budget's, kept apart from the others
 
     def distill_dir(self, name: str) -> Path:
+        if self.budget is not None:
+            return self.out / f"budget-{self.budget}" / name
         if name == self.cfg.distill.method:
             return self.out / "distilled"
         return self.out / ("ablation" if name in ABLATION else "methods") / name
@@ -157,13 +164,14 @@ class Study:
 
         cfg, experts_dir = self.cfg, self.out / "experts"
         upstream = self.experts
+        label = name if self.budget is None else f"{name}@{self.budget}"
         if name in METHODS:
             cfg = cfg if name == cfg.distill.method else with_method(cfg, name)
             target = self.distill_dir(name)
             needs = [target / "meta.json"] + [target / f"phase-{p}.safetensors" for p in range(len(plan_phases(cfg)))]
             # the keys that determine the distilled data (distill.checkpoint_every, evaluate.* ... do not)
             upstream = self.ledger.stage(
-                f"distill {name}",
+                f"distill {label}",
                 {"config": distill_keys(cfg), "experts": upstream},
                 lambda resume: distill(cfg, experts_dir, target, resume=resume),
                 owns=[target],
@@ -180,7 +188,7 @@ class Study:
             _recall_curve(cfg, self.bundle(), target, phases)
             return evaluate_distilled(cfg, self.bundle(), phases)
 
-        return self.ledger.stage(f"evaluate {name}", [name, _sections(cfg, "evaluate", "distill"), upstream], evaluate)
+        return self.ledger.stage(f"evaluate {label}", [name, _sections(cfg, "evaluate", "distill"), upstream], evaluate)
 
 
 def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
@@ -208,15 +216,18 @@ def _recall_curve(cfg, bundle, target: Path, phases: list[dict]) -> None:
     write_json(curve, target / "recall_curve.json")
 
 
-def open_study(cfg, out: Path, resume: bool = False, restart: bool = False) -> Study:
-    """The stages every command starts with: prepared data (feature cache), then the experts in out/experts."""
+def open_study(cfg, out: Path, resume: bool = False, restart: bool = False, budgets=()) -> Study:
+    """The stages every command starts with: prepared data (feature cache), then the experts in out/experts.
+
+    `budgets`: more configs whose budgets the data must hold (bench budgets), checked before the experts."""
 
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out, resume, restart)
     bundle = functools.cache(functools.partial(prepare, cfg, verbose=True))
     prepared = ledger.stage("prepare", _sections(cfg, "data", "model"), lambda resume: {"seconds": bundle().seconds})
     # the coreset baselines and the methods without phases take the whole budget at once: checked before the experts
-    check_pairs(cfg, bundle().splits["train"], whole_budget=True)
+    for checked in [cfg, *budgets]:
+        check_pairs(checked, bundle().splits["train"], whole_budget=True)
     experts = ledger.stage(
         "experts",
         {"config": _sections(cfg, "seed", "experts"), "prepared": prepared["version"]},
@@ -325,3 +336,46 @@ def bench_quality(cfg, out: Path | None = None) -> dict:
     if cfg.distill.space == "feature":
         names.insert(names.index("ptm-st+blend") + 1, "ptm-st+pixels")
     return compare(cfg, out, "quality", names, f"Quality benchmark ({cfg.name})")
+
+
+def _budget(cfg) -> int:
+    return sum(p.pairs for p in cfg.distill.phases)
+
+
+@_locked
+def bench_budgets(cfgs: list[DictConfig], out: Path) -> dict:
+    """The methods of `bench quality` at several budgets, one preset each (e.g. shapes-large-100/200/500), all
+    trained on one set of experts: results.json, budgets.md (one table, r_mean vs budget, the paper's claims
+    checked) and budgets.png."""
+    out = Path(out)
+    names = ", ".join(cfg.name for cfg in cfgs)
+    shared = [_sections(cfg, "seed", "data", "model", "experts") for cfg in cfgs]
+    if any(sections != shared[0] for sections in shared):
+        raise UserError(f"bench budgets: {names} must share seed, data, model and experts (one set of experts)")
+    if len({_budget(cfg) for cfg in cfgs}) < len(cfgs):
+        raise UserError(f"bench budgets: {names} have budgets in common; give each budget once")
+    cfgs = sorted(cfgs, key=_budget)
+    study = open_study(cfgs[-1], out, budgets=cfgs[:-1])
+    rows = {}
+    for cfg in cfgs:
+        at_budget = dataclasses.replace(study, cfg=cfg, budget=_budget(cfg))
+        rows[str(_budget(cfg))] = {name: at_budget.row(name) for name in BUDGET_METHODS}
+    results = {
+        "presets": [cfg.name for cfg in cfgs],
+        "dataset": cfgs[0].data.source,
+        "seed": cfgs[0].seed,
+        "budgets": {pairs: {name: row["result"] for name, row in by_name.items()} for pairs, by_name in rows.items()},
+    }
+    markdown, chart = out / "budgets.md", out / "budgets.png"
+    study.ledger.stage(
+        "report budgets",
+        [results["presets"], [row["version"] for by_name in rows.values() for row in by_name.values()]],
+        lambda resume: write_budget_report(markdown, results, chart),
+        owns=[markdown, chart],
+        needs=[markdown, chart],
+    )
+    results["timing"] = study.ledger.timing()
+    write_json(results, out / "results.json")
+    print(markdown.read_text())
+    logger.info("results: %s; report: %s", out / "results.json", markdown)
+    return results

@@ -44,6 +44,17 @@ def quality(cfg, out=None, as_json: bool = False) -> dict:
     return result
 
 
+def budgets(cfgs, out=None, as_json: bool = False) -> dict:
+    """The methods of bench quality at several budgets (one preset each) on one set of experts."""
+    from mmdistill.pipeline import bench_budgets
+
+    family = cfgs[-1].name.rsplit("-", 1)[0]
+    result = bench_budgets(cfgs, Path(out) if out else Path("runs") / f"budgets-{family}")
+    if as_json:
+        print(json.dumps(result))
+    return result
+
+
 def cross_arch(cfg, out=None, as_json: bool = False) -> dict:
     """Images distilled through the preset's encoder, trained on by other students, beside a random coreset."""
     from mmdistill.bench.cross_arch import run_cross_arch

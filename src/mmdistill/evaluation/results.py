@@ -64,6 +64,51 @@ def method_status(entry: dict, methods: dict) -> str:
     return ""
 
 
+def best_coreset(methods: dict) -> str | None:
+    """The coreset with the highest r_mean among those evaluated (None without any)."""
+    coresets = [name for name in CORESETS if name in methods]
+    return max(coresets, key=lambda name: methods[name]["r_mean"], default=None)
+
+
+def _verdict(holds: bool) -> str:
+    return "holds" if holds else "DOES NOT HOLD"
+
+
+def budget_claims(budgets: dict[str, dict]) -> list[str]:
+    """The paper's claims across budgets ({pairs: methods}), each with its verdict: ptm-st's r_mean grows with
+    the budget, and ptm-st stays above lors and mtt-vl at every budget."""
+    pairs = sorted(budgets, key=int)
+    claims = []
+    if all("ptm-st" in budgets[b] for b in pairs) and len(pairs) > 1:
+        means = [budgets[b]["ptm-st"]["r_mean"] for b in pairs]
+        grows = all(a < b for a, b in zip(means, means[1:]))
+        shown = " < ".join(f"{m:.1f} ({b})" for m, b in zip(means, pairs))
+        claims.append(f"ptm-st grows with the budget, {shown}: {_verdict(grows)}")
+    for other in ("lors", "mtt-vl", best_coreset(budgets[pairs[0]])):
+        common = [b for b in pairs if other in budgets[b] and "ptm-st" in budgets[b]]
+        if not common:
+            continue
+        gaps = {b: budgets[b]["ptm-st"]["r_mean"] - budgets[b][other]["r_mean"] for b in common}
+        margins = ", ".join(f"{gap:+.1f} ({b})" for b, gap in gaps.items())
+        claims.append(f"ptm-st above {other} at every budget, by {margins}: {_verdict(min(gaps.values()) > 0)}")
+    return claims
+
+
+def ablation_claims(methods: dict) -> list[str]:
+    """The paper's Table 4 ordering, each with its verdict: all three components (ptm+st+ema) at least each
+    single one (ema, ptm, st), and each single one at least the base. Empty unless those variants were run."""
+    singles = ("ema", "ptm", "st")
+    if not all(name in methods for name in ("base", "ptm+st+ema", *singles)):
+        return []
+    r = {name: methods[name]["r_mean"] for name in ("base", "ptm+st+ema", *singles)}
+    claims = [
+        f"ptm+st+ema {r['ptm+st+ema']:.1f} >= {name} {r[name]:.1f}: {_verdict(r['ptm+st+ema'] >= r[name])}"
+        for name in singles
+    ]
+    claims += [f"{name} {r[name]:.1f} >= base {r['base']:.1f}: {_verdict(r[name] >= r['base'])}" for name in singles]
+    return claims
+
+
 def failure_notes(methods: dict) -> list[str]:
     """Plain sentences for every distilled set that failed or lost to the random coreset."""
     notes, random = [], methods.get("random")

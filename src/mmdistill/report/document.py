@@ -16,9 +16,26 @@ from pathlib import Path
 
 import torch
 
-from mmdistill.evaluation.results import METRICS, REFERENCE, failure_notes, mean_std, method_status
+from mmdistill.evaluation.results import (
+    METRICS,
+    REFERENCE,
+    ablation_claims,
+    best_coreset,
+    budget_claims,
+    failure_notes,
+    mean_std,
+    method_status,
+)
 from mmdistill.io import write_text
-from mmdistill.report.figures import colour, loss_curve, method_bars, recall_curve, similarity_maps, timing_bars
+from mmdistill.report.figures import (
+    budget_lines,
+    colour,
+    loss_curve,
+    method_bars,
+    recall_curve,
+    similarity_maps,
+    timing_bars,
+)
 from mmdistill.similarity import full_matrix
 from mmdistill.synthetic import load_synthetic, read_captions, read_meta
 
@@ -279,14 +296,59 @@ def write_report(run_dir: Path, results: dict) -> None:
     )
 
 
+def _claims_section(claims: list[str]) -> str:
+    return "## The paper's claims\n\n" + "".join(f"- {claim}\n" for claim in claims) + "\n" if claims else ""
+
+
 def write_table_report(path: Path, title: str, results: dict, chart: Path) -> None:
-    """A Markdown page with one results table and its bar chart (ablation.md, quality.md)."""
+    """A Markdown page with one results table and its bar chart (ablation.md, quality.md); with the Table 4
+    variants, the paper's ordering of them checked."""
     method_bars(results["methods"], chart)
     write_text(
         f"# {title}\n\n{results['preset']} · dataset {results['dataset']} · {results['pairs']} pairs · "
         f"seed {results['seed']}\n\n{markdown_table(results['methods'])}\n\n"
         f"{_protocol_note(results['methods'])} Mean ± std over runs; best per column in bold.\n\n"
+        f"{_claims_section(ablation_claims(results['methods']))}"
         f"![r_mean per method]({chart.relative_to(path.parent).as_posix()})\n",
+        path,
+    )
+
+
+BUDGET_ROWS = ("ptm-st", "lors", "mtt-vl", "ptm-st+blend")
+
+
+def budget_table(budgets: dict[str, dict]) -> str:
+    """r_mean ± std per method (rows) and budget (columns); the best coreset of each budget named in its cell."""
+    pairs = sorted(budgets, key=int)
+    lines = ["| method | " + " | ".join(f"{b} pairs" for b in pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+    for name in BUDGET_ROWS:
+        if all(name in budgets[b] for b in pairs):
+            lines.append(f"| {name} | " + " | ".join(_cell(budgets[b][name], "r_mean") for b in pairs) + " |")
+    cells = []
+    for b in pairs:
+        best = best_coreset(budgets[b])
+        cells.append(f"{_cell(budgets[b][best], 'r_mean')} ({best})" if best else "")
+    lines.append("| best coreset | " + " | ".join(cells) + " |")
+    if all(REFERENCE in budgets[b] for b in pairs):
+        lines.append(f"| {REFERENCE} | " + " | ".join(_cell(budgets[b][REFERENCE], "r_mean") for b in pairs) + " |")
+    return "\n".join(lines)
+
+
+def write_budget_report(path: Path, results: dict, chart: Path) -> None:
+    """budgets.md: r_mean per method and budget, the claims across budgets checked, the figure, then every
+    budget's full table."""
+    budgets = results["budgets"]
+    budget_lines(budgets, chart)
+    sections = [
+        f"## {pairs} pairs ({preset})\n\n{markdown_table(budgets[pairs])}\n\n{_protocol_note(budgets[pairs])}\n"
+        for pairs, preset in zip(sorted(budgets, key=int), results["presets"])
+    ]
+    write_text(
+        f"# Budgets: {', '.join(results['presets'])}\n\ndataset {results['dataset']} · seed {results['seed']} · "
+        f"one set of experts for every budget\n\n"
+        f"r_mean on the test split, mean ± std over runs:\n\n{budget_table(budgets)}\n\n"
+        f"{_claims_section(budget_claims(budgets))}"
+        f"![r_mean vs budget]({chart.relative_to(path.parent).as_posix()})\n\n" + "\n".join(sections),
         path,
     )
 

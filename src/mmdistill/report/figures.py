@@ -8,7 +8,7 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 
-from mmdistill.evaluation.results import BASELINES, mean_std
+from mmdistill.evaluation.results import BASELINES, best_coreset, mean_std
 
 # One colour per method everywhere: distilled methods in saturated colours, coresets in greys, full data green.
 COLOURS = {
@@ -22,6 +22,7 @@ COLOURS = {
     "kcenter": "#5c5c5c",
     "forgetting": "#b8b0a4",
     "full": "#2e8b57",
+    "best coreset": "#7a7a7a",
 }
 PHASE_COLOURS = ("#1f5fa8", "#e07b1a", "#2e8b57", "#8e44ad", "#c0392b", "#16a085")
 
@@ -71,6 +72,32 @@ def method_bars(methods: dict, path: Path, title: str = "r_mean on the test spli
     ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.15 + 1)
     _style(ax, title, "r_mean (%)", "")
     ax.grid(axis="y", visible=False)
+    return _save(fig, path)
+
+
+def budget_lines(budgets: dict[str, dict], path: Path) -> Path:
+    """r_mean ± std against the budget, one line per method; the best coreset per budget in grey and the full
+    data as a dashed line."""
+    pairs = sorted(budgets, key=int)
+    xs = [int(b) for b in pairs]
+    fig, ax = new_figure(figsize=(6.4, 4.2))
+    lines = {name: [budgets[b].get(name) for b in pairs] for name in ("ptm-st", "ptm-st+blend", "lors", "mtt-vl")}
+    bests = [best_coreset(budgets[b]) for b in pairs]
+    lines["best coreset"] = [budgets[b][best] if best else None for b, best in zip(pairs, bests)]
+    for name, entries in lines.items():
+        if None in entries:
+            continue
+        means = [e["r_mean"] for e in entries]
+        stds = [mean_std(e, "r_mean")[1] or 0.0 for e in entries]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name, color=colour(name))
+    full = [budgets[b]["full"]["r_mean"] for b in pairs if "full" in budgets[b]]
+    if full:
+        ax.axhline(full[-1], color=colour("full"), linestyle="--", label="full data")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    _style(ax, "r_mean vs budget (mean ± std)", "synthetic pairs", "r_mean (%)")
+    ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)
 
 
