@@ -159,19 +159,38 @@ def test_watch_flags_a_flat_loss_at_the_no_move_value():
     assert not any(watch.update(loss, (0.01, 0.01), k) for k, loss in enumerate(healthy))
     flat = [2.0, 2.0001, 1.9995, 2.3, 2.0] * 4
     fired = [watch.update(loss, (0.01, 0.01), len(healthy) + k) for k, loss in enumerate(flat)]
-    assert fired.index(True) == window - 1 and fired.count(True) == 1  # once, after a full window of no progress
+    # once, after a full window of no progress, and it stays collapsed while the loss stays flat
+    assert fired.index("collapsed") == window - 1 and fired.count("collapsed") == 1 and "recovered" not in fired
     assert watch.collapse["iteration"] == len(healthy) + window - 1 and "no-move" in watch.collapse["reason"]
+
+
+def test_a_phase_that_stalls_then_learns_ends_healthy():
+    """shapes-large-500's phase 1 with the shortcut: the loss sat at 2.000 for its first 20 iterations while the
+    small calibrated lr grew, then fell to 1.71. It was reported FAILED; only a phase that ends collapsed is."""
+    watch = CollapseWatch(no_move=2.0, lr_init=0.003, iterations=200)
+    window = window_for(200)
+    stalled = [2.0, 1.9995, 2.0001] * 8
+    events = [watch.update(loss, (0.003, 0.003), k) for k, loss in enumerate(stalled)]
+    assert events.index("collapsed") == window - 1 and watch.collapse is not None
+    learning = [1.95, 1.9, 1.8, 1.71]
+    events = [watch.update(loss, (0.05, 0.06), len(stalled) + k) for k, loss in enumerate(learning)]
+    assert events[0] == "recovered" and events[1:] == [None] * 3 and watch.collapse is None
+    for k in range(window):  # flat again for a whole window: collapsed again, the phase's state at its end
+        watch.update(2.0, (0.05, 0.06), 100 + k)
+    assert watch.collapse is not None and watch.collapse["iteration"] == 100 + window - 1
 
 
 def test_watch_flags_learned_lrs_that_vanished():
     watch = CollapseWatch(no_move=2.0, lr_init=0.01, iterations=100)
-    assert not watch.update(1.5, (0.001, 0.0002), 0)  # one lr still at a tenth of lr_init
-    assert watch.update(1.5, (9e-5, 2e-5), 1) and "lr_init" in watch.collapse["reason"]
+    assert watch.update(1.5, (0.001, 0.0002), 0) is None  # one lr still at a tenth of lr_init
+    assert watch.update(1.5, (9e-5, 2e-5), 1) == "collapsed" and "lr_init" in watch.collapse["reason"]
+    assert watch.update(1.5, (9e-5, 2e-5), 2) is None and watch.collapse is not None
+    assert watch.update(1.5, (0.002, 0.001), 3) == "recovered" and watch.collapse is None  # the lrs grew back
 
 
 def test_merged_branches_have_a_no_move_value_of_one():
     watch = CollapseWatch(no_move=1.0, lr_init=0.01, iterations=10)
-    assert any(watch.update(1.0, (0.01, 0.01), k) for k in range(window_for(10)))
+    assert "collapsed" in [watch.update(1.0, (0.01, 0.01), k) for k in range(window_for(10))]
 
 
 def _entry(r_mean: float, **extra) -> dict:

@@ -391,3 +391,17 @@ def test_checkpoint_holds_the_state_of_its_iteration_and_a_bad_one_is_named(tiny
     message = str(err.value)
     assert message.startswith(f"cannot read checkpoint {checkpoint}: ") and "\n" not in message
     assert "weights_only" not in message
+
+
+def test_a_phase_that_never_moves_the_student_ends_collapsed_and_says_so(tiny, tmp_path):
+    """lrs so small that no step moves anything: the loss stays at the no-move value 2.000 for the whole phase,
+    which ends collapsed (meta.json, a history event at the first full window)."""
+    still = [f"distill.{key}=1e-9" for key in ("lr_init", "lr_lr", "lr_images", "lr_texts", "lr_sim")]
+    one_phase = "distill.phases=[{pairs: 10, iterations: 12, start_epochs: [0, 1], shortcut_end: 2}]"
+    out = tmp_path / "still"
+    distill(config(tiny, *still, one_phase), tiny[0] / "experts", out)
+    collapse = json.loads((out / "meta.json").read_text())["phases"][0]["collapse"]
+    assert collapse["iteration"] == 9 and "no-move value 2.000 for 10 iterations" in collapse["reason"]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history if h.get("event") == "collapse"] == [9]
+    assert not [h for h in history if h.get("event") == "collapse-ended"]

@@ -334,7 +334,8 @@ class Distiller:
                     append_jsonl(out / "history.jsonl", {"phase": p, "event": "recovery", **state.recoveries[-1]})
                 continue
             lr_img, lr_txt = (state.syn[key].item() for key in LR_KEYS.values())
-            newly_collapsed = watch.update(loss, (lr_img, lr_txt), k)
+            was_collapsed = watch.collapse
+            verdict = watch.update(loss, (lr_img, lr_txt), k)
             if main:
                 append_jsonl(
                     out / "history.jsonl",
@@ -348,9 +349,15 @@ class Distiller:
                     },
                 )
                 log_scalars(f"distill/{dc.method}/phase-{p}", {"loss": loss, "lr_img": lr_img, "lr_txt": lr_txt}, k)
-                if newly_collapsed:
+                if verdict == "collapsed":
                     bar.write(f"phase {p}: COLLAPSED at iteration {k}: {watch.collapse['reason']}")
                     append_jsonl(out / "history.jsonl", {"phase": p, "event": "collapse", **watch.collapse})
+                elif verdict == "recovered":
+                    bar.write(f"phase {p}: learning again at iteration {k} (loss {loss:.4f}): no longer collapsed")
+                    append_jsonl(
+                        out / "history.jsonl",
+                        {"phase": p, "event": "collapse-ended", "iteration": k, "since": was_collapsed["iteration"]},
+                    )
                 if dc.snapshot_every and state.iteration % dc.snapshot_every == 0:
                     self.save_ema(phase, state, out / "snapshots" / f"phase-{p}-{state.iteration}.safetensors")
                 if state.iteration % dc.checkpoint_every == 0 and state.iteration < phase.iterations:
