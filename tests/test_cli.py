@@ -231,3 +231,15 @@ def test_set_before_a_command_without_config_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--set", "seed=1", "presets"])
     assert exit_.value.code == 2 and "presets takes no config" in capsys.readouterr().err
+
+
+def test_bench_budgets_errors_are_one_line(tmp_path, capsys):
+    """The family of --preset at each of --budgets: a bad list or a missing member is refused before any work."""
+    assert main(["bench", "budgets", "--preset", "shapes-large-500", "--budgets", "100,x"]) == 2
+    assert "--budgets: expected pair counts like 100,200,500, got '100,x'" in capsys.readouterr().err
+    assert main(["bench", "budgets", "--preset", "shapes-large-500", "--budgets", "100,300"]) == 2
+    assert "unknown preset 'shapes-large-300'" in capsys.readouterr().err
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("inherit: shapes-tiny\n")
+    assert main(["bench", "budgets", "--config", str(mine)]) == 2  # a config file names no family
+    assert "bench budgets: give --preset NAME-<pairs>" in capsys.readouterr().err
