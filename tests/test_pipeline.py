@@ -228,7 +228,7 @@ def test_the_cross_arch_students_build_offline_and_read_pixels():
 
 # -- bench budgets ---------------------------------------------------------------------------------------
 def test_bench_budgets_trains_one_set_of_experts_for_every_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "BUDGET_METHODS", ("ptm-st", "lors", "random", "full"))
+    monkeypatch.setattr(pipeline, "QUALITY", ("ptm-st", "lors", "random", "full"))
     common = [f"cache_dir={tmp_path / 'cache'}", "device=cpu", "evaluate.runs=1"]
     one_phase = "distill.phases=[{pairs: 10, iterations: 3, start_epochs: [0, 1], shortcut_end: 2}]"
     cfgs = [load_config("shapes-tiny", common), load_config("shapes-tiny", [*common, one_phase])]  # 20 and 10

@@ -254,6 +254,11 @@ AUTO_KEYS = ("lr_images", "lr_texts", "lr_sim", "lr_init")  # float settings tha
 AUTO_FLOATS = {f"distill.{key}" for key in AUTO_KEYS}
 
 
+def total_pairs(cfg) -> int:
+    """The budget: synthetic pairs over all phases (what coresets, methods without phases and tables count)."""
+    return sum(phase.pairs for phase in cfg.distill.phases)
+
+
 def preset_names() -> list[str]:
     """All shipped presets, sorted."""
     folder = resources.files("mmdistill") / "presets"

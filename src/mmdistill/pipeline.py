@@ -31,7 +31,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mmdistill.config import ABLATION, METHODS, changed_keys, flat_keys, load_config, to_dict, with_method
+from mmdistill.config import (
+    ABLATION,
+    METHODS,
+    changed_keys,
+    flat_keys,
+    load_config,
+    to_dict,
+    total_pairs,
+    with_method,
+)
 from mmdistill.coresets import CORESETS
 from mmdistill.distill.engine import distill, distill_keys, plan_phases
 from mmdistill.errors import UserError
@@ -49,7 +58,6 @@ from mmdistill.utils import digest
 logger = logging.getLogger(__name__)
 
 QUALITY = ("mtt-vl", "lors", "ptm-st", "ptm-st+blend", *CORESETS, "full")
-BUDGET_METHODS = ("ptm-st", "lors", "mtt-vl", "ptm-st+blend", *CORESETS, "full")
 CURVE_POINTS = 4  # intermediate snapshots per phase evaluated for the recall curve (1 run each)
 
 
@@ -246,7 +254,7 @@ def _finish(study: Study, rows: dict[str, dict], key: str, outputs: list[Path], 
     results = {
         "preset": cfg.name,
         "dataset": cfg.data.source,
-        "pairs": sum(p.pairs for p in cfg.distill.phases),
+        "pairs": total_pairs(cfg),
         "seed": cfg.seed,
         "methods": {name: row["result"] for name, row in rows.items()},
         "timing": study.ledger.timing(),
@@ -338,28 +346,24 @@ def bench_quality(cfg, out: Path | None = None) -> dict:
     return compare(cfg, out, "quality", names, f"Quality benchmark ({cfg.name})")
 
 
-def _budget(cfg) -> int:
-    return sum(p.pairs for p in cfg.distill.phases)
-
-
 @_locked
 def bench_budgets(cfgs: list[DictConfig], out: Path) -> dict:
-    """The methods of `bench quality` at several budgets, one preset each (e.g. shapes-large-100/200/500), all
-    trained on one set of experts: results.json, budgets.md (one table, r_mean vs budget, the paper's claims
-    checked) and budgets.png."""
+    """The methods and baselines of `bench quality` (QUALITY) at several budgets, one preset each (e.g.
+    shapes-large-100/200/500), all trained on one set of experts: results.json, budgets.md (one table, r_mean vs
+    budget, the paper's claims checked) and budgets.png."""
     out = Path(out)
     names = ", ".join(cfg.name for cfg in cfgs)
     shared = [_sections(cfg, "seed", "data", "model", "experts") for cfg in cfgs]
     if any(sections != shared[0] for sections in shared):
         raise UserError(f"bench budgets: {names} must share seed, data, model and experts (one set of experts)")
-    if len({_budget(cfg) for cfg in cfgs}) < len(cfgs):
+    if len({total_pairs(cfg) for cfg in cfgs}) < len(cfgs):
         raise UserError(f"bench budgets: {names} have budgets in common; give each budget once")
-    cfgs = sorted(cfgs, key=_budget)
+    cfgs = sorted(cfgs, key=total_pairs)
     study = open_study(cfgs[-1], out, budgets=cfgs[:-1])
     rows = {}
     for cfg in cfgs:
-        at_budget = dataclasses.replace(study, cfg=cfg, budget=_budget(cfg))
-        rows[str(_budget(cfg))] = {name: at_budget.row(name) for name in BUDGET_METHODS}
+        at_budget = dataclasses.replace(study, cfg=cfg, budget=total_pairs(cfg))
+        rows[str(total_pairs(cfg))] = {name: at_budget.row(name) for name in QUALITY}
     results = {
         "presets": [cfg.name for cfg in cfgs],
         "dataset": cfgs[0].data.source,

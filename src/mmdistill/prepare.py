@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mmdistill.config import total_pairs
 from mmdistill.data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
 from mmdistill.data.transforms import build_transform, pixel_tensor
 from mmdistill.encoders import build_image_encoder
@@ -85,7 +86,7 @@ def check_pairs(cfg, train: Split, whole_budget: bool = False) -> None:
                 f"bad value {phase.pairs!r} for 'distill.phases.{i}.pairs': the training split has only"
                 f" {captions} captions"
             )
-    total = sum(phase.pairs for phase in cfg.distill.phases)
+    total = total_pairs(cfg)
     if (whole_budget or not cfg.distill.use_phases) and total > captions:
         raise UserError(
             f"bad value for 'distill.phases': {total} pairs in all, but the training split has only {captions} captions"

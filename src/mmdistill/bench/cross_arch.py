@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mmdistill.config import with_method
+from mmdistill.config import total_pairs, with_method
 from mmdistill.evaluation.baselines import best_lr_on_validation, coreset_phases
 from mmdistill.io import folder_lock, write_json, write_text
 from mmdistill.pipeline import open_study
@@ -94,7 +94,7 @@ def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> d
             "preset": cfg.name,
             "method": method,
             "distilled_with": cfg.model.image_encoder,
-            "pairs": sum(p.pairs for p in cfg.distill.phases),
+            "pairs": total_pairs(cfg),
             "students": rows,
         }
         write_json(results, out / "cross-arch.json")

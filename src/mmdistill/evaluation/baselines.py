@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmdistill.config import total_pairs
 from mmdistill.coresets import CORESETS, select_coreset
 from mmdistill.errors import UserError
 from mmdistill.evaluation.student import evaluate_phases, input_chunks
@@ -68,7 +69,7 @@ def coreset_phases(cfg, bundle: Prepared, method: str, experts_dir, seed: int) -
     if method not in CORESETS:
         raise UserError(f"unknown coreset baseline {method!r}; choose from {', '.join(CORESETS)}")
     split = bundle.splits["train"]
-    pairs = sum(p.pairs for p in cfg.distill.phases)
+    pairs = total_pairs(cfg)
     if pairs > len(split.captions):
         raise UserError(f"the budget of {pairs} pairs exceeds the {len(split.captions)} training captions")
     gen = generator(seed, "coreset", method)

@@ -338,7 +338,7 @@ def write_budget_report(path: Path, results: dict, chart: Path) -> None:
     """budgets.md: r_mean per method and budget, the claims across budgets checked, the figure, then every
     budget's full table."""
     budgets = results["budgets"]
-    budget_lines(budgets, chart)
+    budget_lines(budgets, BUDGET_ROWS, chart)
     sections = [
         f"## {pairs} pairs ({preset})\n\n{markdown_table(budgets[pairs])}\n\n{_protocol_note(budgets[pairs])}\n"
         for pairs, preset in zip(sorted(budgets, key=int), results["presets"])

@@ -75,13 +75,13 @@ def method_bars(methods: dict, path: Path, title: str = "r_mean on the test spli
     return _save(fig, path)
 
 
-def budget_lines(budgets: dict[str, dict], path: Path) -> Path:
-    """r_mean ± std against the budget, one line per method; the best coreset per budget in grey and the full
-    data as a dashed line."""
+def budget_lines(budgets: dict[str, dict], methods: tuple[str, ...], path: Path) -> Path:
+    """r_mean ± std against the budget, one line per method of `methods`; the best coreset per budget in grey and
+    the full data as a dashed line."""
     pairs = sorted(budgets, key=int)
     xs = [int(b) for b in pairs]
     fig, ax = new_figure(figsize=(6.4, 4.2))
-    lines = {name: [budgets[b].get(name) for b in pairs] for name in ("ptm-st", "ptm-st+blend", "lors", "mtt-vl")}
+    lines = {name: [budgets[b].get(name) for b in pairs] for name in methods}
     bests = [best_coreset(budgets[b]) for b in pairs]
     lines["best coreset"] = [budgets[b][best] if best else None for b, best in zip(pairs, bests)]
     for name, entries in lines.items():
