@@ -153,9 +153,17 @@ def test_budget_claims_hold_only_when_ptm_st_grows_and_stays_ahead():
     good = budget_claims(_budgets((20.0, 25.0, 30.0), (18.0, 22.0, 26.0)))
     assert good[0] == "ptm-st grows with the budget, 20.0 (100) < 25.0 (200) < 30.0 (500): holds"
     assert good[1] == "ptm-st above lors at every budget, by +2.0 (100), +3.0 (200), +4.0 (500): holds"
-    assert good[2].startswith("ptm-st above kcenter") and good[2].endswith("holds")  # the best coreset
+    assert good[2] == (
+        "ptm-st above the best coreset at every budget, by +13.0 (100, kcenter), +18.0 (200, kcenter),"
+        " +23.0 (500, kcenter): holds"
+    )
     bad = budget_claims(_budgets((20.0, 25.0, 24.0), (18.0, 26.0, 20.0)))
     assert bad[0].endswith("DOES NOT HOLD") and bad[1].endswith("DOES NOT HOLD")
+    overtaken = _budgets((20.0, 25.0, 30.0), (18.0, 22.0, 26.0))
+    overtaken["500"]["random"] = _r_mean(31.0)  # the best coreset changes with the budget: each is checked
+    assert budget_claims(overtaken)[2].endswith(
+        "+13.0 (100, kcenter), +18.0 (200, kcenter), -1.0 (500, random): DOES NOT HOLD"
+    )
 
 
 def test_ablation_claims_check_the_paper_s_table_4_ordering():
