@@ -254,6 +254,39 @@ def test_fd_records_one_point_per_step_and_frees_them_in_pass_two():
     assert steps == [None] * 4
 
 
+@pytest.mark.parametrize("mode", ["fd", "tesla", "unroll"])
+def test_the_in_place_steps_leave_the_callers_points_and_set_alone(mode):
+    model, syn, start, target = problem(torch.float32)
+    before = {name: {k: v.clone() for k, v in d.items()} for name, d in (("start", start), ("target", target))}
+    syn_before = {k: v.clone() for k, v in syn.items()}
+    gradient((model, syn, start, target), plan(steps=4), mode)
+    gradient((model, syn, start, target), plan(steps=4), mode)
+    assert all(torch.equal(start[g], before["start"][g]) and torch.equal(target[g], before["target"][g]) for g in start)
+    assert all(torch.equal(syn[k], syn_before[k]) for k in syn)
+
+
+def test_pass_one_writes_each_new_point_over_its_gradient():
+    """No new parameter-sized block per step. On NFNet-L0 (35 M parameters) glibc maps such blocks afresh and the
+    kernel faults their pages in at every step: an fd iteration at 64 px took 11.7 s before, 9.2 s after (README)."""
+    model, syn, start, target = problem(torch.float32)
+    loop = InnerLoop(model, syn, plan(steps=3), LOSSES["wbce"], "full")
+    seen = []
+    original = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        grads = original(*args, **kwargs)
+        seen.append({g.data_ptr() for g in grads})
+        return grads
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmdistill.distill.matching.autograd.grad", spy)
+        theta_n, _, steps = loop.run(start, record=True)
+    points = [{t.data_ptr() for t in step.theta.values()} for step in steps[1:]] + [
+        {t.data_ptr() for t in theta_n.values()}
+    ]
+    assert all(point <= grads for point, grads in zip(points, seen))
+
+
 def test_bfloat16_autocast_gradient_error_against_float32(record_property):
     """The GPU switch on CPU: autocast's gradient against the float32 tesla one, reported (pytest -s shows it)."""
     model, syn, start, target = problem(torch.float32, encoder=ConvNet(PX, depth=2, width=8))

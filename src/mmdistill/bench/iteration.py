@@ -205,7 +205,7 @@ def _memory_growth(cfg, syn_steps: int, mode: str) -> float:
     return _in_fresh_process("_memory_probe", to_dict(cfg), syn_steps, mode, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
-def bench_iteration(cfg, budget_s: float = 60.0, max_repeats: int = 5) -> dict:
+def bench_iteration(cfg, budget_s: float = 30.0, max_repeats: int = 5) -> dict:
     """Seconds per distillation iteration of the default gradient mode and of tesla, each against syn_steps
     plain training steps of the same student measured interleaved with it (medians, wall and CPU time), each
     in a fresh process whose peak RSS (`peak_rss_gib`) is that mode's alone; for pixels through a frozen

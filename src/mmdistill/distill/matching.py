@@ -94,9 +94,16 @@ def matching_loss(
     return sum(num[m] / den[m] for m in theta_n)
 
 
-def sgd_step(theta: dict[str, torch.Tensor], grads, alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """theta - alpha g per group; every pass steps through this one line, so a replay lands on the same points."""
-    return {m: torch.addcmul(theta[m], alpha[m], g, value=-1) for m, g in zip(theta, grads)}
+def sgd_step(
+    theta: dict[str, torch.Tensor], grads, alpha: dict[str, torch.Tensor], into_grads: bool = False
+) -> dict[str, torch.Tensor]:
+    """theta - alpha g per group; every pass steps through this one line, so a replay lands on the same points.
+
+    `into_grads` writes the new point over the gradients (no new parameter-sized block per step), for a caller
+    that has no further use for them and no graph through them."""
+    return {
+        m: torch.addcmul(theta[m], alpha[m], g, value=-1, out=g if into_grads else None) for m, g in zip(theta, grads)
+    }
 
 
 class InnerLoop:
@@ -174,7 +181,7 @@ class InnerLoop:
                     grads = autograd.grad(self.loss(i, point, self.inputs(i)), list(point.values()))
                 for m, g in zip(total, grads):
                     total[m].add_(g)
-                theta = sgd_step(theta, grads, self.alpha)
+                theta = sgd_step(theta, grads, self.alpha, into_grads=True)
         return (theta, total, steps) if record else (theta, total)
 
     def replay(
@@ -204,7 +211,9 @@ class InnerLoop:
                     theta = sgd_step(theta, [g.detach() for g in grads], self.alpha)
                 else:
                     step, steps[i] = steps[i], None
-                    shifted = {m: torch.add(step.theta[m], v[m], alpha=eps) for m in step.theta}
+                    # theta_i is dropped after this step, so it is shifted in place (no new parameter-sized
+                    # block per step); theta_0 is the caller's and is copied
+                    shifted = {m: (t if i else t.clone()).add_(v[m], alpha=eps) for m, t in step.theta.items()}
                     with pieces.replay(step.activations):
                         moved = autograd.grad(self.loss(i, shifted, inputs), learned)
                     hvp = [(a - b) / eps for a, b in zip(moved, step.base)]
