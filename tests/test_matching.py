@@ -266,7 +266,7 @@ def test_the_in_place_steps_leave_the_callers_points_and_set_alone(mode):
 
 
 def test_pass_one_writes_each_new_point_over_its_gradient():
-    """No new parameter-sized block per step. On NFNet-L0 (35 M parameters) glibc maps such blocks afresh and the
+    """No new parameter-sized block per step. On NFNet-L0 (33 M parameters) glibc maps such blocks afresh and the
     kernel faults their pages in at every step: an fd iteration at 64 px took 11.7 s before, 9.2 s after (README)."""
     model, syn, start, target = problem(torch.float32)
     loop = InnerLoop(model, syn, plan(steps=3), LOSSES["wbce"], "full")
