@@ -121,6 +121,20 @@ def test_pixels_through_a_frozen_encoder_are_encoded_once_with_the_same_gradient
     assert relative_error(once, per_step) < (1e-8 if mode == "fd" else 1e-13)
 
 
+def test_an_encoder_that_prefers_nhwc_encodes_the_pixels_in_it_with_the_same_gradient():
+    setup, inner = problem(kind="full", space="frozen-pixel"), plan()
+    encoder = setup[0].frozen_image_encoder
+    layouts = []
+    encoder.register_forward_hook(
+        lambda _, args, __: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    _, nchw = gradient(setup, inner, "tesla")
+    encoder.prefers_channels_last = True
+    _, nhwc = gradient(setup, inner, "tesla")
+    assert layouts == [False, True]
+    assert relative_error(nhwc, nchw) < 1e-12  # float64: the layout changes the order of sums, nothing else
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-5), (torch.float32, 1e-2)])
 @pytest.mark.parametrize("kind", ["full", "lowrank"])
 def test_fd_matches_tesla(dtype, tolerance, kind):
