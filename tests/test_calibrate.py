@@ -246,3 +246,25 @@ def test_a_scan_where_no_lr_beats_standing_still_starts_at_the_edge_of_the_cliff
     assert lr == 3.2e-2 and "no lr" in why
     healthy = [(1e-3, 1.9865), (1e-2, 1.8737), (1.8e-2, 1.8635), (3.2e-2, 2.6456)]
     assert _best_lr(healthy, 2.0)[0] == 1.8e-2  # an lr that beats standing still: the plain minimum
+
+
+def test_a_later_phase_that_nothing_beats_starts_at_its_predecessors_lr(tiny, monkeypatch):
+    """The scan rises from the no-move loss at every lr (shapes-large's phase 1): the edge rule alone would start
+    at a tenth of phase 0's lr; the phase starts at phase 0's lr instead. A scan that beats standing still, or
+    a first phase, keeps its own measurement."""
+    cfg = load_config("shapes-tiny", tiny[1])
+    distiller = _distiller(tiny, cfg)
+    phase = plan_phases(cfg)[1]
+    syn = distiller.init_synthetic(1, phase)
+    rising = lambda d, s, w, lr: 2.0 + 0.03 * (lr / 0.01) ** 2  # noqa: E731 - 2.03 at 0.01, 2.0095 at 5.6e-3
+    monkeypatch.setattr("mmdistill.distill.calibrate._mean_loss", rising)
+    edge = calibrate(distiller, 1, phase, syn)
+    assert edge.lr_init == pytest.approx(LR_MARGIN * 10 ** (-9 / 4))  # the largest lr within 1 %: 5.6e-3
+    floored = calibrate(distiller, 1, phase, syn, previous_lr_init=0.028)
+    assert floored.lr_init == 0.028 and "the lr phase 0 started at" in floored.reasons["lr_init"]
+    assert floored.lr_images != edge.lr_images  # the data lrs are measured at the lr the phase starts at
+    below = calibrate(distiller, 1, phase, syn, previous_lr_init=1e-4)
+    assert below.lr_init == edge.lr_init  # a floor under the edge's lr changes nothing
+    falling = lambda d, s, w, lr: 2.0 - lr  # noqa: E731 - every lr beats standing still
+    monkeypatch.setattr("mmdistill.distill.calibrate._mean_loss", falling)
+    assert calibrate(distiller, 1, phase, syn, previous_lr_init=0.028).lr_init == pytest.approx(LR_MARGIN * 1.0)

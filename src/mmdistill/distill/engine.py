@@ -297,10 +297,13 @@ class Distiller:
         state.iteration += 1
         return loss.item() if state.finite() else None
 
-    def run_phase(self, p: int, phase: PhaseConfig, out: Path, resume: bool) -> SyntheticSet:
+    def run_phase(
+        self, p: int, phase: PhaseConfig, out: Path, resume: bool, previous_lr_init: float | None = None
+    ) -> SyntheticSet:
+        """Phase p from its calibration to its last iteration; `previous_lr_init`: phase p - 1's lr_init."""
         dc, main = self.cfg.distill, distributed.is_main()
         syn = self.init_synthetic(p, phase)
-        calibration = calibrate(self, p, phase, syn)
+        calibration = calibrate(self, p, phase, syn, previous_lr_init)
         syn["lr_img"] = syn["lr_txt"] = torch.full_like(syn["lr_img"], calibration.lr_init)
         state = SyntheticSet(syn, dc, calibration.data_lrs())
         state.calibration = calibration
@@ -443,10 +446,14 @@ def distill(cfg, experts_dir: Path, out_dir: Path, resume: bool = False, restart
                 f" epochs 0..{store.epochs}"
             )
         distiller = Distiller(cfg, store, bundle, resolve_device(cfg.device), keys)
+        previous_lr_init = None  # the next phase's calibration may start from it
         for p, phase in enumerate(phases):
-            if resume and not restart and (out / f"phase-{p}.safetensors").exists():  # checked: this config's
+            done = out / f"phase-{p}.safetensors"
+            if resume and not restart and done.exists():  # checked: this config's
+                previous_lr_init = phase_metadata(done)["calibration"]["lr_init"]
                 continue
-            state = distiller.run_phase(p, phase, out, resume and not restart)
+            state = distiller.run_phase(p, phase, out, resume and not restart, previous_lr_init)
+            previous_lr_init = state.calibration.lr_init
             if distributed.is_main():
                 distiller.save_phase(p, phase, state, out)
                 (out / "checkpoints" / f"phase-{p}.pt").unlink(missing_ok=True)
