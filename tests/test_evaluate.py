@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the tests never touch the network
 
@@ -266,8 +267,9 @@ class FakeStore:
 
     epochs = 3
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, folder=None):
         self.cfg = cfg
+        self.paths = sorted(Path(folder).glob("expert-*")) if folder else []
 
     def snapshot(self, expert, epoch):
         return build_model(self.cfg.model, text_dim=TEXT_DIM, image_size=8, seed=epoch).get_flat()
@@ -290,6 +292,23 @@ def test_forgetting_history_marks_top1_text_to_image_retrievals():
     with torch.no_grad():
         sim = model(bundle.features["train"], bundle.texts["train"])
     torch.testing.assert_close(history[1], sim.argmax(0) == torch.tensor(bundle.splits["train"].txt2img))
+
+
+def test_forgetting_statistics_are_computed_once_per_expert_set_and_data(monkeypatch, tmp_path):
+    """bench budgets asks for them at every budget; they depend on the experts and the data, not the budget."""
+    cfg = make_cfg()
+    (tmp_path / "expert-0000.safetensors").write_bytes(b"x")
+    computed = []
+    original = baselines._compute_correct_history
+    monkeypatch.setattr(baselines, "_compute_correct_history", lambda *a: computed.append(1) or original(*a))
+    monkeypatch.setattr(baselines, "ExpertStore", lambda folder: FakeStore(cfg, folder))
+    for budget_cfg in (cfg, make_cfg("distill.phases.0.pairs=5")):
+        coreset_phases(budget_cfg, make_bundle(), "forgetting", tmp_path, seed=0)
+    assert computed == [1]
+    (tmp_path / "expert-0000.safetensors").write_bytes(b"yy")  # other experts in the same folder
+    coreset_phases(cfg, make_bundle(), "forgetting", tmp_path, seed=0)
+    coreset_phases(make_cfg("data.seed=1"), make_bundle(), "forgetting", tmp_path, seed=0)  # other data
+    assert computed == [1, 1, 1]
 
 
 def test_diverged_run_stops_with_finite_results():
