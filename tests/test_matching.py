@@ -65,8 +65,8 @@ def problem(dtype=torch.float64, kind="full", dropout=0.0, space="pixel", encode
     return model, syn, start, target
 
 
-def plan(steps=5, seed=3, blend=None):
-    return InnerPlan.draw(N, steps, 4, torch.Generator().manual_seed(seed), blend_alpha=blend)
+def plan(steps=5, seed=3, blend=None, crop=False):
+    return InnerPlan.draw(N, steps, 4, torch.Generator().manual_seed(seed), blend_alpha=blend, crop=crop)
 
 
 def gradient(setup, inner, mode, kind="full", **kw):
@@ -135,6 +135,21 @@ def test_an_encoder_that_prefers_nhwc_encodes_the_pixels_in_it_with_the_same_gra
     assert relative_error(nhwc, nchw) < 1e-12  # float64: the layout changes the order of sums, nothing else
 
 
+def test_a_trained_encoder_that_prefers_nhwc_gets_the_pixels_in_it_with_the_same_gradient():
+    setup, inner = problem(kind="full", space="pixel"), plan()
+    encoder = setup[0].image_encoder
+    layouts = []
+    encoder.register_forward_hook(
+        lambda _, args, __: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    _, nchw = gradient(setup, inner, "tesla")
+    calls = len(layouts)
+    encoder.prefers_channels_last = True
+    _, nhwc = gradient(setup, inner, "tesla")
+    assert not any(layouts[:calls]) and all(layouts[calls:]) and len(layouts) == 2 * calls
+    assert relative_error(nhwc, nchw) < 1e-12  # float64: the layout changes the order of sums, nothing else
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-5), (torch.float32, 1e-2)])
 @pytest.mark.parametrize("kind", ["full", "lowrank"])
 def test_fd_matches_tesla(dtype, tolerance, kind):
@@ -166,6 +181,25 @@ def test_dropout_masks_are_replayed():
     other_masks.seeds = [s + 1 for s in other_masks.seeds]
     _, other = gradient(setup, other_masks, "tesla")
     assert relative_error(other, tesla) > 1e-3  # dropout is live: other masks, other gradient
+
+
+def test_image_crops_are_drawn_once_and_replayed_in_every_pass(monkeypatch):
+    setup, cropped = problem(), plan(crop=True)
+    uncropped = plan()
+    assert all(torch.equal(a, b) for a, b in zip(cropped.batches, uncropped.batches))  # drawn after the rest
+    model = setup[0]
+    seen, logits_at = [], model.logits_at
+    monkeypatch.setattr(model, "logits_at", lambda flat, x, t, blend=None: seen.append(x) or logits_at(flat, x, t))
+    _, tesla = gradient(setup, cropped, "tesla")
+    steps = len(cropped.batches)
+    assert len(seen) == 2 * steps and all(torch.equal(a, b) for a, b in zip(seen[:steps], seen[steps:]))
+    assert not torch.equal(seen[0], setup[1]["images"][cropped.batches[0]])  # the student saw the crops
+    _, unroll = gradient(setup, cropped, "unroll", detach_inner=True)
+    _, fd = gradient(setup, cropped, "fd")
+    assert relative_error(tesla, unroll) < 1e-6  # the crops' pullback onto the synthetic images is exact
+    assert relative_error(fd, tesla) < 1e-5
+    _, plain = gradient(setup, uncropped, "tesla")
+    assert relative_error(plain, tesla) > 1e-2
 
 
 def test_blend_draws_are_drawn_once_and_reused(monkeypatch):
