@@ -129,6 +129,11 @@ class DistillConfig:
     lr_lr: float = 0.05
     momentum: float = 0.5
     space: str = "pixel"  # pixel | feature (feature only with a frozen image encoder)
+    # none | crop: each inner step trains the student on a random resized crop of its synthetic images (the
+    # experts' `crop`, no flip), drawn once per step and replayed in every pass, as the MTT line's differentiable
+    # augmentation; pixels into a trained image encoder only (a frozen one's features are encoded once per
+    # iteration, which a crop per step would undo).
+    augment: str = "none"
     init: str = "real"  # real | noise
     # fd (TESLA's gradient by a finite-difference Hessian-vector product, fast) | tesla (TESLA's gradient by a
     # double backward) | unroll (the true gradient through the whole inner loop, memory grows with syn_steps).
@@ -239,6 +244,7 @@ CHOICES = {
     "distill.loss": ("nce", "cwcl", "kl", "bce", "wbce", "mse"),
     "distill.similarity": ("identity", "full", "lowrank"),
     "distill.space": ("pixel", "feature"),
+    "distill.augment": ("none", "crop"),
     "distill.init": ("real", "noise"),
     "distill.gradient": ("fd", "tesla", "unroll"),
     "distill.lr_update": ("log-adam", "sgd"),
@@ -707,6 +713,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data source 'hf' needs data.name (a `datasets` hub id or a local dataset folder)")
     if cfg.distill.space == "feature" and cfg.model.image_trainable:
         raise UserError("bad value 'feature' for 'distill.space': feature space needs model.image_trainable=false")
+    if cfg.distill.augment != "none" and not (cfg.distill.space == "pixel" and cfg.model.image_trainable):
+        raise UserError(
+            f"bad value {cfg.distill.augment!r} for 'distill.augment': augmentation needs pixels into a trained"
+            " image encoder (distill.space=pixel, model.image_trainable=true)"
+        )
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
         raise UserError(
             f"bad value {cfg.distill.mini_batch_size!r} for 'distill.mini_batch_size': larger than a phase's pairs"

@@ -58,7 +58,13 @@ def _bench_setup(cfg, syn_steps: int):
     theta_start = model.get_flat()
     theta_target = {g: t + 0.01 * torch.randn(t.shape, generator=gen).to(t) for g, t in theta_start.items()}
     plan = InnerPlan.draw(
-        pairs, syn_steps, dc.mini_batch_size, gen, dc.blend.alpha if dc.blend.enabled else None, device
+        pairs,
+        syn_steps,
+        dc.mini_batch_size,
+        gen,
+        dc.blend.alpha if dc.blend.enabled else None,
+        device,
+        crop=dc.augment == "crop",
     )
 
     def iteration(mode: str) -> None:

@@ -2,12 +2,14 @@
 
 `build_transform` gives the reference's per-image pipelines (train "clip", "crop", test "none") for DataLoaders;
 `augment_batch` is a batched random-resized-crop/flip/brightness for small in-memory sets, where a per-image
-Python loop would cost more than the expert's training step.
+Python loop would cost more than the expert's training step; its two halves (`draw_crops`, `apply_crops`) let
+the distillation's inner loop draw a crop once per step and replay it in every pass.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +74,17 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def augment_batch(pixels: torch.Tensor, size: int, generator: torch.Generator, flip: bool) -> torch.Tensor:
-    """Per-sample random resized crop (area 0.5-1, aspect 3/4-4/3), optional flip and brightness, in one pass.
+@dataclass
+class CropDraw:
+    """One batch's random resized crops: per-sample affine maps (affine_grid form) and brightness factors."""
 
-    `pixels` is float [B,3,H,W] in [0, 1]; the result is [B,3,size,size] in [0, 1], on the same device.
-    Random numbers come from the CPU `generator` only, so a batch is reproducible on any device.
-    """
-    batch = pixels.shape[0]
+    theta: torch.Tensor  # [B,2,3]
+    brightness: torch.Tensor  # [B]
+
+
+def draw_crops(batch: int, generator: torch.Generator, flip: bool) -> CropDraw:
+    """Per-sample random resized crop (area 0.5-1, aspect 3/4-4/3), optional flip and brightness factor, drawn
+    from the CPU `generator` only, so that a batch is reproducible on any device."""
 
     def uniform(low, high):
         return low + (high - low) * torch.rand(batch, generator=generator)
@@ -91,16 +97,29 @@ def augment_batch(pixels: torch.Tensor, size: int, generator: torch.Generator, f
     centre_y = (1 - height) * uniform(-1.0, 1.0)
     mirror = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
     brightness = uniform(1 - BRIGHTNESS_JITTER, 1 + BRIGHTNESS_JITTER)
-
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0] = width * mirror
     theta[:, 0, 2] = centre_x
     theta[:, 1, 1] = height
     theta[:, 1, 2] = centre_y
-    theta = theta.to(device=pixels.device, dtype=pixels.dtype)
-    grid = F.affine_grid(theta, [batch, pixels.shape[1], size, size], align_corners=False)
-    crops = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return (crops * brightness.to(crops)[:, None, None, None]).clamp(0, 1)
+    return CropDraw(theta, brightness)
+
+
+def apply_crops(pixels: torch.Tensor, crops: CropDraw, size: int) -> torch.Tensor:
+    """The drawn crops of `pixels` [B,3,H,W] resized to [B,3,size,size], each scaled by its brightness factor.
+
+    Differentiable in `pixels` and linear in them (bilinear sampling, then a scale), so the inner loop can replay
+    one draw in every pass. On normalised pixels the factor scales each image's contrast around the mean."""
+    theta = crops.theta.to(device=pixels.device, dtype=pixels.dtype)
+    grid = F.affine_grid(theta, [len(pixels), pixels.shape[1], size, size], align_corners=False)
+    sampled = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled * crops.brightness.to(sampled)[:, None, None, None]
+
+
+def augment_batch(pixels: torch.Tensor, size: int, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """`draw_crops` applied to float [B,3,H,W] pixels in [0, 1]; the result is [B,3,size,size] in [0, 1], on the
+    same device."""
+    return apply_crops(pixels, draw_crops(len(pixels), generator, flip), size).clamp(0, 1)
 
 
 def pixel_tensor(split: Split, size: int, mean, std, chunk: int = 1024) -> torch.Tensor:

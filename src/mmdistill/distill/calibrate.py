@@ -109,7 +109,9 @@ def _windows(distiller, p: int, phase: PhaseConfig) -> list[tuple[dict, dict, In
         theta_start, theta_target = matching_pair(
             store, sample % len(store), start, dc.expert_epochs, phase.shortcut_end
         )
-        plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, distiller.blend, distiller.device)
+        plan = InnerPlan.draw(
+            phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, distiller.blend, distiller.device, distiller.crop
+        )
         like = distiller.device
         windows.append(
             ({m: t.to(like) for m, t in theta_start.items()}, {m: t.to(like) for m, t in theta_target.items()}, plan)

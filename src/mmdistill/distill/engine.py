@@ -231,6 +231,7 @@ class Distiller:
             )
         dc = cfg.distill
         self.blend = dc.blend.alpha if dc.blend.enabled else None
+        self.crop = dc.augment == "crop"
         self.options = {
             "loss_fn": LOSSES[dc.loss],
             "sim_kind": dc.similarity,
@@ -282,7 +283,9 @@ class Distiller:
                 self.store, expert, start, dc.expert_epochs, phase.shortcut_end, self.device
             )
             # train t steps on the synthetic set, matching loss, and its gradient w.r.t. the synthetic set
-            plan = InnerPlan.draw(phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, self.blend, self.device)
+            plan = InnerPlan.draw(
+                phase.pairs, dc.syn_steps, dc.mini_batch_size, gen, self.blend, self.device, crop=self.crop
+            )
             value, grad = matching_gradient(self.model, state.syn, theta_start, theta_target, plan, **self.options)
             loss += value * share
             for name, g in grad.items():

@@ -24,8 +24,8 @@ Three modes, one signature:
 - unroll: autograd through the whole loop, parameter path included (MTT-VL); memory grows with N.
   `detach_inner=True` cuts the parameter path, which is exactly what tesla and fd compute (used by tests).
 
-Every random choice of the loop (mini-batches, blend draws, dropout masks) is drawn once in an `InnerPlan`
-and replayed in every pass; the reference redraws dropout masks in its recompute pass,
+Every random choice of the loop (mini-batches, blend draws, dropout masks, image crops) is drawn once in an
+`InnerPlan` and replayed in every pass; the reference redraws dropout masks in its recompute pass,
 which makes its second pass differ from its first; we do not.
 """
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import autograd, nn
 
+from mmdistill.data.transforms import CropDraw, apply_crops, draw_crops
 from mmdistill.similarity import full_matrix, similarity_block
 
 LR_KEYS = {"img": "lr_img", "txt": "lr_txt"}  # the learnable student learning rate of each parameter group
@@ -50,6 +51,7 @@ class InnerPlan:
     batches: list[torch.Tensor]  # synthetic indices of each step
     seeds: list[int]  # dropout seed of each step
     blends: list[tuple[float, torch.Tensor] | None]  # (lam, perm) of each step, or None without blending
+    crops: list[CropDraw | None] | None = None  # the images' random resized crops of each step, or None
 
     @classmethod
     def draw(
@@ -60,10 +62,12 @@ class InnerPlan:
         gen: torch.Generator,
         blend_alpha: float | None = None,
         device: torch.device | str = "cpu",
+        crop: bool = False,
     ) -> InnerPlan:
         """Consecutive slices of a random permutation of the n pairs, a new permutation when fewer than
         `batch_size` are left (as the reference draws them: a short remainder would be a step on a tiny batch,
-        whose loss is on another scale than the others')."""
+        whose loss is on another scale than the others'). `crop`: a random resized crop of every image of every
+        step (the experts' `crop` augmentation; drawn last, so the other draws are those of a plan without it)."""
         batches, chunks = [], []
         for _ in range(steps):
             if not chunks:
@@ -77,7 +81,8 @@ class InnerPlan:
                 (float(lam_rng.beta(blend_alpha, blend_alpha)), torch.randperm(len(b), generator=gen).to(device))
                 for b in batches
             ]
-        return cls([b.to(device) for b in batches], seeds, blends)
+        crops = [draw_crops(len(b), gen, flip=False) for b in batches] if crop else None
+        return cls([b.to(device) for b in batches], seeds, blends, crops)
 
 
 def matching_loss(
@@ -146,12 +151,19 @@ class InnerLoop:
         return {k: v.detach().requires_grad_(k in self.learned) for k, v in self.inputs(i).items()}
 
     def loss(self, i: int, theta: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The student's loss at step i; its dropout masks come from the step's seed, the same in every pass."""
+        """The student's loss at step i; its dropout masks come from the step's seed and its images' crops from
+        the plan, the same in every pass. The crops sit between the leaves and the student, so the leaves'
+        gradients are those of the synthetic images themselves."""
+        images = inputs["images"]
+        if self.plan.crops is not None:
+            images = apply_crops(images, self.plan.crops[i], images.shape[-1])
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
         saved = self.dropout_rng.get_state()
         self.dropout_rng.manual_seed(self.plan.seeds[i])
         try:
-            with torch.autocast(inputs["images"].device.type, torch.bfloat16, enabled=self.autocast):
-                logits = self.model.logits_at(theta, inputs["images"], inputs["texts"], self.plan.blends[i])
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=self.autocast):
+                logits = self.model.logits_at(theta, images, inputs["texts"], self.plan.blends[i])
         finally:
             self.dropout_rng.set_state(saved)
         return self.loss_fn(logits.to(inputs["target"].dtype), inputs["target"])  # back from bfloat16 under autocast
