@@ -100,12 +100,14 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override, expected):
     assert expected in message and "\n" not in message
 
 
-def test_crops_in_the_inner_loop_need_pixels_into_a_trained_encoder():
+def test_crops_need_pixels_into_a_trained_encoder():
     assert load_config("shapes-scratch-100", ["distill.augment=crop"]).distill.augment == "crop"
     for preset in ("shapes-100", "emoji-100"):  # features, or pixels through the frozen encoder: refused
         for space in ("feature", "pixel"):
             with pytest.raises(UserError, match="bad value 'crop' for 'distill.augment'"):
                 load_config(preset, ["distill.augment=crop", f"distill.space={space}"])
+        with pytest.raises(UserError, match="bad value 'crop' for 'evaluate.augment'"):
+            load_config(preset, ["evaluate.augment=crop"])
 
 
 def test_unknown_preset_suggests_close_names():

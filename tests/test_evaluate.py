@@ -19,7 +19,7 @@ from mmdistill.errors import UserError
 from mmdistill.evaluation.baselines import coreset_phases, full_data_metrics
 from mmdistill.evaluation.results import METRICS, evaluate_command, format_table
 from mmdistill.evaluation.student import train_and_test
-from mmdistill.model import build_model
+from mmdistill.model import DualEncoder, build_model
 from mmdistill.prepare import Prepared
 from mmdistill.synthetic import DistilledSet
 
@@ -116,6 +116,22 @@ def test_deterministic_given_seed_in_pixel_space():
     assert first["curve"] != train_and_test(cfg, bundle, phases, seed=4)["curve"]
     assert [(c["phase"], c["epoch"]) for c in first["curve"]] == [(0, 0), (0, 2), (0, 4), (1, 2), (1, 4)]
     assert set(first["test"]) == set(METRICS) and not first["diverged"]
+
+
+def test_crop_augmentation_trains_on_crops_of_the_pixels_deterministically(monkeypatch):
+    cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=2", frozen=False)
+    bundle = make_bundle()
+    phase = real_phase(bundle, torch.arange(0, 20), "pixel")
+    plain = train_and_test(cfg, bundle, [phase], seed=3)
+    cropped_cfg = make_cfg("evaluate.epochs=2", "evaluate.eval_every=2", "evaluate.augment=crop", frozen=False)
+    seen, forward = [], DualEncoder.forward
+    monkeypatch.setattr(DualEncoder, "forward", lambda self, x, t, blend=None: seen.append(x) or forward(self, x, t))
+    cropped = train_and_test(cropped_cfg, bundle, [phase], seed=3)
+    trained_on = seen[0]  # the first training batch (the evaluation passes come after it)
+    assert trained_on.shape == (20, 3, 8, 8)
+    assert not any(torch.equal(trained_on[0], image) for image in phase["images"])  # a crop, not an image
+    assert without_time(cropped) == without_time(train_and_test(cropped_cfg, bundle, [phase], seed=3))
+    assert cropped["curve"] != plain["curve"]
 
 
 def test_frozen_mode_trains_the_image_projection(monkeypatch, recording_sgd):

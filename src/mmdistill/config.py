@@ -164,6 +164,10 @@ class EvaluateConfig:
     lr_schedule: str = "per-phase"  # per-phase (restart each phase) | global (reference)
     protocol: str = "val"  # val (pick epoch on validation, report test) | reference (best on test)
     image_encoder: str | None = None  # cross-architecture evaluation
+    # none | crop: every batch of pixels a student trains on is randomly cropped (the experts' crop, no flip),
+    # as the MTT line trains its evaluation students with augmentation; coresets alike. Students that read
+    # features (a frozen image encoder) are not affected.
+    augment: str = "none"
     baselines: list[str] = field(default_factory=lambda: ["random", "full"])
     # Real pairs have no learned lr: a coreset trains with each of these (empty: experts.lr_img/lr_txt) and
     # reports the one whose runs reach the best mean validation r_mean.
@@ -249,6 +253,7 @@ CHOICES = {
     "distill.gradient": ("fd", "tesla", "unroll"),
     "distill.lr_update": ("log-adam", "sgd"),
     "evaluate.lr_schedule": ("per-phase", "global"),
+    "evaluate.augment": ("none", "crop"),
     "evaluate.protocol": ("val", "reference"),
 }
 
@@ -717,6 +722,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"bad value {cfg.distill.augment!r} for 'distill.augment': augmentation needs pixels into a trained"
             " image encoder (distill.space=pixel, model.image_trainable=true)"
+        )
+    if cfg.evaluate.augment != "none" and not cfg.model.image_trainable:
+        raise UserError(
+            f"bad value {cfg.evaluate.augment!r} for 'evaluate.augment': augmentation needs pixels into a trained"
+            " image encoder (model.image_trainable=true)"
         )
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
         raise UserError(

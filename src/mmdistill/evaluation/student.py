@@ -22,7 +22,7 @@ import torch
 from torch.optim import SGD
 
 from mmdistill.config import from_dict
-from mmdistill.data.transforms import normalize
+from mmdistill.data.transforms import apply_crops, draw_crops, normalize
 from mmdistill.errors import UserError
 from mmdistill.losses import LOSSES
 from mmdistill.metrics import EMBED_BATCH, METRICS, model_recall
@@ -151,15 +151,20 @@ def _optimizer(cfg, model: DualEncoder, lrs: list[float]) -> SGD | None:
 
 def _epoch(cfg, model: DualEncoder, phase: dict, optimizer: SGD, gen: torch.Generator, device) -> bool:
     """One epoch on a synthetic set: ceil(N / batch_size) batches, each the first batch_size pairs of a fresh
-    permutation, trained towards S[B, B]; False when the loss is not finite."""
+    permutation (its pixels cropped with `evaluate.augment=crop`), trained towards S[B, B]; False when the loss
+    is not finite."""
     images, texts = phase["student_images"], phase["student_texts"]
     kind, alpha = phase.get("similarity", "identity"), float(phase.get("sim_alpha", 1.0))
     sim_params = {k: v for k, v in phase.items() if k.startswith("sim_") and torch.is_tensor(v)}
     batch_size, loss_fn = cfg.evaluate.batch_size, LOSSES[cfg.distill.loss]
+    crop = cfg.evaluate.augment == "crop" and images.dim() == 4
     for _ in range(math.ceil(len(texts) / batch_size)):
         index = torch.randperm(len(texts), generator=gen)[:batch_size]
         target = similarity_block(kind, sim_params, index, alpha).to(device)
-        loss = loss_fn(model(images[index.to(device)], texts[index.to(device)]), target)
+        batch = images[index.to(device)]
+        if crop:
+            batch = apply_crops(batch, draw_crops(len(batch), gen, flip=False), batch.shape[-1])
+        loss = loss_fn(model(batch, texts[index.to(device)]), target)
         if not torch.isfinite(loss):
             return False
         optimizer.zero_grad()
