@@ -89,6 +89,7 @@ def test_ablation_rows_switch_the_papers_components(name):
         ("distill.phases.0.start_epochs=[3, 1]", "'distill.phases.0.start_epochs'"),
         ("distill.phases.0.shortcut_end=99", "'distill.phases.0.shortcut_end'"),
         ("distill.space=feature", "'distill.space'"),
+        ("model.image_trainable=false", "'distill.augment'"),  # the preset crops its pixels; the message says how
         ("evaluate.coreset_lrs=[0.1, -1]", "'evaluate.coreset_lrs'"),
         ("nonsense", "bad override 'nonsense'"),
     ],

@@ -721,12 +721,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.distill.augment != "none" and not (cfg.distill.space == "pixel" and cfg.model.image_trainable):
         raise UserError(
             f"bad value {cfg.distill.augment!r} for 'distill.augment': augmentation needs pixels into a trained"
-            " image encoder (distill.space=pixel, model.image_trainable=true)"
+            " image encoder (distill.space=pixel, model.image_trainable=true); set distill.augment=none"
         )
     if cfg.evaluate.augment != "none" and not cfg.model.image_trainable:
         raise UserError(
             f"bad value {cfg.evaluate.augment!r} for 'evaluate.augment': augmentation needs pixels into a trained"
-            " image encoder (model.image_trainable=true)"
+            " image encoder (model.image_trainable=true); set evaluate.augment=none"
         )
     if cfg.distill.mini_batch_size > min(p.pairs for p in cfg.distill.phases):
         raise UserError(
