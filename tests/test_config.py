@@ -38,6 +38,19 @@ def test_embedded_presets_have_two_phases():
         assert not cfg.model.image_trainable and cfg.distill.space == "feature"
 
 
+def test_finetune_presets_are_their_frozen_twins_with_the_image_encoder_trained_through_pixels():
+    for name, frozen in (("shapes-finetune-100", "shapes-100"), ("emoji-finetune-100", "emoji-100")):
+        cfg, twin = load_config(name), load_config(frozen)
+        assert cfg.model.image_encoder == twin.model.image_encoder == "efficientnet_lite0" and cfg.model.pretrained
+        assert cfg.model.image_trainable and cfg.distill.space == "pixel"
+        assert (cfg.data, cfg.experts, cfg.distill.phases, cfg.evaluate) == (
+            twin.data,
+            twin.experts,
+            twin.distill.phases,
+            twin.evaluate,
+        )
+
+
 def test_dotted_overrides_including_list_items():
     cfg = load_config(
         "shapes-100",
