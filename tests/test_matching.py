@@ -121,23 +121,11 @@ def test_pixels_through_a_frozen_encoder_are_encoded_once_with_the_same_gradient
     assert relative_error(once, per_step) < (1e-8 if mode == "fd" else 1e-13)
 
 
-def test_an_encoder_that_prefers_nhwc_encodes_the_pixels_in_it_with_the_same_gradient():
-    setup, inner = problem(kind="full", space="frozen-pixel"), plan()
-    encoder = setup[0].frozen_image_encoder
-    layouts = []
-    encoder.register_forward_hook(
-        lambda _, args, __: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
-    )
-    _, nchw = gradient(setup, inner, "tesla")
-    encoder.prefers_channels_last = True
-    _, nhwc = gradient(setup, inner, "tesla")
-    assert layouts == [False, True]
-    assert relative_error(nhwc, nchw) < 1e-12  # float64: the layout changes the order of sums, nothing else
-
-
-def test_a_trained_encoder_that_prefers_nhwc_gets_the_pixels_in_it_with_the_same_gradient():
-    setup, inner = problem(kind="full", space="pixel"), plan()
-    encoder = setup[0].image_encoder
+@pytest.mark.parametrize("space", ["frozen-pixel", "pixel"])
+def test_an_encoder_that_prefers_nhwc_gets_the_pixels_in_it_with_the_same_gradient(space):
+    """Frozen: the set is encoded once per iteration; trained: every step's forward pass (and its replay)."""
+    setup, inner = problem(kind="full", space=space), plan()
+    encoder = setup[0].frozen_image_encoder if space == "frozen-pixel" else setup[0].image_encoder
     layouts = []
     encoder.register_forward_hook(
         lambda _, args, __: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
@@ -146,7 +134,8 @@ def test_a_trained_encoder_that_prefers_nhwc_gets_the_pixels_in_it_with_the_same
     calls = len(layouts)
     encoder.prefers_channels_last = True
     _, nhwc = gradient(setup, inner, "tesla")
-    assert not any(layouts[:calls]) and all(layouts[calls:]) and len(layouts) == 2 * calls
+    assert calls == (1 if space == "frozen-pixel" else 2 * len(inner.batches)) and len(layouts) == 2 * calls
+    assert not any(layouts[:calls]) and all(layouts[calls:])
     assert relative_error(nhwc, nchw) < 1e-12  # float64: the layout changes the order of sums, nothing else
 
 
