@@ -51,7 +51,7 @@ class InnerPlan:
     batches: list[torch.Tensor]  # synthetic indices of each step
     seeds: list[int]  # dropout seed of each step
     blends: list[tuple[float, torch.Tensor] | None]  # (lam, perm) of each step, or None without blending
-    crops: list[CropDraw | None] | None = None  # the images' random resized crops of each step, or None
+    crops: list[CropDraw] | None = None  # the random resized crops of each step's images, or None without crops
 
     @classmethod
     def draw(
