@@ -223,6 +223,28 @@ def test_val_protocol_reports_test_at_the_best_validation_checkpoint(monkeypatch
     assert evaluate.summarize_runs([reference], "reference")["protocol"] == "reference (selected on test)"
 
 
+@pytest.mark.parametrize("handoff", ["best", "last"])
+def test_a_later_phase_starts_from_the_best_checkpoint_so_far_or_the_last_epoch(monkeypatch, handoff):
+    bundle = make_bundle(sizes=(40, 30, 40))
+    scores = iter([1, 9, 3, 2, 4])  # validation at (0,0) (0,2) (0,4) (1,2) (1,4): phase 0 is best at epoch 2
+    seen = []  # (validation score, sum of the similarity matrix: a fingerprint of the student's state)
+
+    def fake_metrics(sim, img2txt, txt2img):
+        score = next(scores) if len(img2txt) == 30 else 0
+        if len(img2txt) == 30:
+            seen.append(float(sim.double().sum()))
+        return {m: float(score) for m in METRICS}
+
+    monkeypatch.setattr(metrics_module, "retrieval_metrics", fake_metrics)
+    # phase 1 trains at lr 0, so its student stays where phase 0 handed it over
+    phases = [real_phase(bundle, torch.arange(0, 20)), real_phase(bundle, torch.arange(20, 40), lr=0.0)]
+    cfg = make_cfg("evaluate.epochs=4", "evaluate.eval_every=2", f"evaluate.handoff={handoff}")
+    train_and_test(cfg, bundle, phases, seed=0)
+    handed = seen[1] if handoff == "best" else seen[2]
+    assert seen[1] != pytest.approx(seen[2])  # phase 0 moved between its epochs 2 and 4
+    assert seen[3:] == pytest.approx([handed, handed])
+
+
 def test_training_on_real_pairs_beats_an_untrained_student():
     cfg = make_cfg(
         "evaluate.epochs=10",

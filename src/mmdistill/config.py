@@ -162,6 +162,11 @@ class EvaluateConfig:
     weight_decay: float = 0.0005
     lr_milestones: list[int] = field(default_factory=lambda: [50])  # x0.1 at these epochs
     lr_schedule: str = "per-phase"  # per-phase (restart each phase) | global (reference)
+    # What a later phase's student starts from: best (the checkpoint the protocol would select so far: a phase's
+    # data moves a student well for a few dozen steps and then away, so phase 0's last epoch can be 10 points
+    # below its best) | last (the previous phase's last epoch, the reference's order). The reference protocol
+    # always hands on the last epoch.
+    handoff: str = "best"
     protocol: str = "val"  # val (pick epoch on validation, report test) | reference (best on test)
     image_encoder: str | None = None  # cross-architecture evaluation
     # none | crop: every batch of pixels a student trains on is randomly cropped (the experts' crop, no flip),
@@ -253,6 +258,7 @@ CHOICES = {
     "distill.gradient": ("fd", "tesla", "unroll"),
     "distill.lr_update": ("log-adam", "sgd"),
     "evaluate.lr_schedule": ("per-phase", "global"),
+    "evaluate.handoff": ("best", "last"),
     "evaluate.augment": ("none", "crop"),
     "evaluate.protocol": ("val", "reference"),
 }

@@ -3,7 +3,8 @@
 The protocol follows the reference's `evaluate_synset_PTM` without its bugs: the image
 projection is trained in frozen-image mode, the learning-rate schedule restarts with each phase (unless
 `evaluate.lr_schedule=global`), every run is seeded, and the checkpoint is chosen on the validation split while
-the test split is only reported (unless `evaluate.protocol=reference`, labelled as selected on test).
+the test split is only reported (unless `evaluate.protocol=reference`, labelled as selected on test). The same
+validation choice decides where a later phase starts (`evaluate.handoff`).
 
 Evaluation is kept cheap: validation/test images come from cached frozen features or from pixels already in
 memory, and pixels of synthetic images are pushed through a frozen encoder once per phase, not at every step.
@@ -262,8 +263,9 @@ def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_e
     """Train one fresh student on the phases in order and report test recall at the protocol's checkpoint.
 
     Checkpoints are epoch 0 of phase 0 (the untrained student), then every `evaluate.eval_every` epochs and the
-    last epoch of each phase (epoch 0 of a later phase is the last checkpoint of the one before). A run that
-    diverges stops there and reports its best finite checkpoint with "diverged": true.
+    last epoch of each phase. A later phase trains on from the best checkpoint so far (`evaluate.handoff=best`,
+    early stopping per phase) or from the previous phase's last epoch (`last`). A run that diverges stops there
+    and reports its best finite checkpoint with "diverged": true.
     """
     return _train_student(cfg, bundle, phases, seed, image_encoder)[1]
 
@@ -304,6 +306,8 @@ def _train_student(
             diverged = not _train_reference(cfg, model, bundle, phases, checkpoints, gen, device)
         else:
             for p, phase in enumerate(phases):
+                if p and cfg.evaluate.handoff == "best":
+                    model.load_state_dict(checkpoints.best["state"])
                 if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
                     diverged = True
                     break
