@@ -107,10 +107,14 @@ class _Checkpoints:
             self.best = {"score": score, "val": val, "test": test, "phase": phase, "epoch": epoch, "state": state}
         return True
 
+    def restore_best(self) -> None:
+        """Put the student back in the state of the checkpoint the protocol selects so far."""
+        self.model.load_state_dict(self.best["state"])
+
     def result(self) -> dict:
         """The selected checkpoint's recall; the student is left in that checkpoint's state."""
         best = self.best
-        self.model.load_state_dict(best["state"])
+        self.restore_best()
         if best["test"] is None:
             best["test"] = self._recall("test")
         return {
@@ -307,7 +311,7 @@ def _train_student(
         else:
             for p, phase in enumerate(phases):
                 if p and cfg.evaluate.handoff == "best":
-                    model.load_state_dict(checkpoints.best["state"])
+                    checkpoints.restore_best()
                 if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
                     diverged = True
                     break
