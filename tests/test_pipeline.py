@@ -224,6 +224,10 @@ def test_the_cross_arch_students_build_offline_and_read_pixels():
         model = build_model(OmegaConf.merge(cfg.model, overrides), text_dim=384, image_size=32, seed=0)
         logits = model(torch.randn(2, 3, 32, 32), torch.randn(2, 384))
         assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name
+        # at the preset's own size the text projection stays small enough to train on a CPU (a 16,384-d joint
+        # embedding made it a 268M-weight layer)
+        model = build_model(OmegaConf.merge(cfg.model, overrides), text_dim=384, image_size=64, seed=0)
+        assert sum(p.numel() for p in model.text_projection.parameters()) < 20_000_000, name
 
 
 # -- bench budgets ---------------------------------------------------------------------------------------
