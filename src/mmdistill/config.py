@@ -48,6 +48,14 @@ class DataConfig:
     val_fraction: float = 0.1  # carved splits when val_images / test_images are 0: fractions of the images
     test_fraction: float = 0.1
     captions_per_image: int = 5
+    # none | zca: ZCA-whiten the normalised pixels (fitted on the training images) for experts, students and the
+    # distillation alike, the MTT line's option for ConvNets trained from scratch; pixels into an image encoder
+    # trained from random weights only, at most ZCA_MAX_IMAGE_SIZE px
+    whiten: str = "none"
+    zca_epsilon: float = 0.1  # added to the covariance's eigenvalues (kornia's and MTT's value)
+
+
+ZCA_MAX_IMAGE_SIZE = 48  # a [3s^2, 3s^2] eigendecomposition per prepare: seconds at 48 px, minutes and 0.6 GB at 64
 
 
 @dataclass
@@ -244,6 +252,7 @@ ABLATION = ("base", "ema", "ptm", "st", "ptm+ema", "st+ema", "ptm+st", "ptm+st+e
 
 CHOICES = {
     "data.source": ("shapes", "emoji", "flickr30k", "coco", "cc3m", "folder", "hf"),
+    "data.whiten": ("none", "zca"),
     "model.convnet.norm": ("instancenorm", "batchnorm", "layernorm", "none"),
     "model.convnet.pooling": ("avgpooling", "maxpooling", "none"),
     "experts.augment": ("clip", "crop", "none"),
@@ -641,6 +650,7 @@ ABOVE_ZERO = (
     "data.image_size",
     "data.max_words",
     "data.captions_per_image",
+    "data.zca_epsilon",
     "experts.count",
     "experts.epochs",
     "experts.batch_size",
@@ -729,6 +739,19 @@ def validate(cfg: DictConfig) -> None:
             f"bad value {cfg.distill.augment!r} for 'distill.augment': augmentation needs pixels into a trained"
             " image encoder (distill.space=pixel, model.image_trainable=true); set distill.augment=none"
         )
+    if cfg.data.whiten == "zca":
+        model = cfg.model
+        if not model.image_trainable or not (model.image_encoder == "convnet" or not model.pretrained):
+            raise UserError(
+                "bad value 'zca' for 'data.whiten': whitening needs an image encoder trained from random weights"
+                " (model.image_trainable=true, and convnet or model.pretrained=false); a pretrained encoder was"
+                " trained on unwhitened pixels"
+            )
+        if cfg.data.image_size > ZCA_MAX_IMAGE_SIZE:
+            raise UserError(
+                f"bad value 'zca' for 'data.whiten': whitening needs data.image_size <= {ZCA_MAX_IMAGE_SIZE}"
+                f" (it is {cfg.data.image_size})"
+            )
     if cfg.evaluate.augment != "none" and not cfg.model.image_trainable:
         raise UserError(
             f"bad value {cfg.evaluate.augment!r} for 'evaluate.augment': augmentation needs pixels into a trained"

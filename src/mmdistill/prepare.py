@@ -20,6 +20,7 @@ import torch
 from mmdistill.config import total_pairs
 from mmdistill.data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
 from mmdistill.data.transforms import build_transform, pixel_tensor
+from mmdistill.data.whitening import Whitening
 from mmdistill.encoders import build_image_encoder
 from mmdistill.errors import UserError
 from mmdistill.features import image_features, text_features
@@ -39,6 +40,7 @@ class Prepared:
     mean: tuple = (0.5, 0.5, 0.5)  # the image encoder's input normalisation
     std: tuple = (0.5, 0.5, 0.5)
     flip_safe: bool = True
+    whitening: Whitening | None = None  # data.whiten=zca: applied after mean/std to every pixel input
     seconds: float = 0.0
 
     @property
@@ -46,9 +48,22 @@ class Prepared:
         return self.texts["train"].shape[1]
 
     def normalize(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """The student's pixel inputs: mean/std normalised, then whitened where the data is."""
         mean = torch.tensor(self.mean, device=pixels01.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels01.device).view(1, 3, 1, 1)
-        return (pixels01 - mean) / std
+        return self.whiten((pixels01 - mean) / std)
+
+    def whiten(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Mean/std normalised pixels (a DataLoader's output) as the student reads them."""
+        return normalized if self.whitening is None else self.whitening.apply(normalized)
+
+    def pictures(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] of pixel inputs (synthetic or real): whitening and normalisation undone."""
+        if self.whitening is not None:
+            inputs = self.whitening.undo(inputs)
+        mean = torch.tensor(self.mean, device=inputs.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=inputs.device).view(1, 3, 1, 1)
+        return (inputs * std + mean).clamp(0, 1)
 
     def pixels01(self, split: str, ids: torch.Tensor, image_size: int) -> torch.Tensor:
         """Test-transformed pixels in [0, 1] of some images of a split: from memory, else decoded from files."""
@@ -155,10 +170,20 @@ def prepare(cfg, verbose: bool = False) -> Prepared:
             )
         if isinstance(split.images, torch.Tensor):
             bundle.pixels[name] = pixel_tensor(split, cfg.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    if cfg.data.whiten == "zca":
+        bundle.whitening = _fit_whitening(cfg, bundle)
     bundle.seconds = time.perf_counter() - start
     if verbose:
         _report_splits(cfg, bundle)
     return bundle
+
+
+def _fit_whitening(cfg, bundle: Prepared) -> Whitening:
+    """ZCA on the normalised training images, 1,000 at a time (files decode lazily)."""
+    ids = torch.arange(len(bundle.splits["train"]))
+    size = cfg.data.image_size
+    chunks = (bundle.normalize(bundle.pixels01("train", chunk, size)) for chunk in ids.split(1000))
+    return Whitening.fit(chunks, cfg.data.zca_epsilon)
 
 
 _reported: set[tuple] = set()  # splits already described by this process (run calls prepare once per stage)

@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mmdistill.config import from_dict
-from mmdistill.data import build_splits, load_image
+from mmdistill.data import build_splits, load_image, whitening
 from mmdistill.data.transforms import build_transform
+from mmdistill.data.whitening import Whitening, load_whitening
 from mmdistill.encoders import build_image_encoder
 from mmdistill.errors import UserError
 from mmdistill.io import atomic_path, folder_lock, load_torch, save_tensors, write_json, write_text
@@ -220,6 +221,7 @@ class DistilledSet:
     meta: provenance (method, preset, config, seed, encoders, normalization, version, git_commit, ...).
     captions: per phase, the nearest real caption of each synthetic text (None where unknown).
     results: the run's evaluation of this set (results.json entry: r_mean, r_mean_std, runs, protocol) if known.
+    whitening: the ZCA transform of a set distilled on whitened pixels (data.whiten=zca), else None.
     """
 
     phases: list[dict]
@@ -228,6 +230,7 @@ class DistilledSet:
     layout: str  # native | imagefolder | hf | ptm-st | lors
     captions: list = field(default_factory=list)
     results: dict | None = None
+    whitening: Whitening | None = None
 
     def dataset(self, phase: int | None = None) -> torch.utils.data.Dataset:
         """The pairs of one phase, or of every phase concatenated in training order (phase=None)."""
@@ -314,7 +317,18 @@ def load_distilled(path, format: str = "mmdistill") -> DistilledSet:  # noqa: A0
     phases = load_synthetic(folder)
     meta = read_meta(folder)
     captions = [read_captions(folder / f"phase-{p}-captions.json") for p in range(len(phases))]
-    return DistilledSet(phases, meta, str(path), "native", captions, _run_results(folder, meta.get("method")))
+    results = _run_results(folder, meta.get("method"))
+    return DistilledSet(phases, meta, str(path), "native", captions, results, _whitening(folder, meta))
+
+
+def _whitening(folder: Path, meta: dict) -> Whitening | None:
+    """The whitening the set's normalisation names, read from its folder."""
+    if not (meta.get("normalization") or {}).get("whitening"):
+        return None
+    found = load_whitening(folder)
+    if found is None:
+        raise UserError(f"{folder} was distilled on whitened pixels but lacks {whitening.FILE}")
+    return found
 
 
 def _run_results(folder: Path, method: str | None) -> dict | None:
@@ -439,6 +453,15 @@ def phases_for(distilled: DistilledSet, cfg, bundle) -> list[dict]:
                     f"{where} phase {p}: images of shape {tuple(images.shape)}, expected"
                     f" ({n}, 3, {size}, {size}) for preset {cfg.name} (data.image_size={size})"
                 )
+            ours, theirs = distilled.whitening, bundle.whitening
+            if (ours is None) != (theirs is None) or (ours is not None and not ours.matches(theirs)):
+                wanted = "unwhitened pixels" if theirs is None else "ZCA-whitened pixels"
+                if ours is not None and theirs is not None:
+                    wanted = "pixels whitened by another transform"
+                raise UserError(
+                    f"{where} holds {'ZCA-whitened' if ours is not None else 'unwhitened'} pixels, but preset"
+                    f" {cfg.name} trains on {wanted} (data.whiten); evaluate it with the data it was distilled on"
+                )
             norm = distilled.normalization
             if norm and (tuple(map(float, norm["mean"])), tuple(map(float, norm["std"]))) != (
                 tuple(map(float, bundle.mean)),
@@ -502,7 +525,8 @@ def _export_rows(distilled: DistilledSet) -> list[dict]:
         captions = (distilled.captions[p] if p < len(distilled.captions) else None) or [{}] * len(phase["texts"])
         if real is None:
             mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-            pictures = ((phase["images"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+            images = phase["images"] if distilled.whitening is None else distilled.whitening.undo(phase["images"])
+            pictures = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
         else:
             pictures = real[p]
         for i, record in enumerate(captions):
@@ -551,6 +575,8 @@ def _write_sidecars(distilled: DistilledSet, out: Path, layout: str) -> None:
     """The exact tensors (what `load_distilled` reads back), lrs.json and the format record."""
     space = distilled.space
     save_tensors({f"phase-{p}": ph["images"] for p, ph in enumerate(distilled.phases)}, out / EXPORT_TENSORS[space])
+    if distilled.whitening is not None:
+        distilled.whitening.save(out)
     save_tensors(
         {f"phase-{p}": ph["texts"] for p, ph in enumerate(distilled.phases)}, out / "text_embeddings.safetensors"
     )
@@ -711,7 +737,13 @@ def _load_export(path: Path) -> DistilledSet:
         check_phase(f"{key} of {path}", phase)
         phases.append(phase)
     return DistilledSet(
-        phases, record["meta"], str(path), record["layout"], record.get("captions", []), record.get("results")
+        phases,
+        record["meta"],
+        str(path),
+        record["layout"],
+        record.get("captions", []),
+        record.get("results"),
+        _whitening(path, record),
     )
 
 
@@ -760,6 +792,12 @@ def dataset_card(distilled: DistilledSet, rows: int) -> str:
             f" tensors de-normalised (x * std + mean, mean {norm['mean']}, std {norm['std']}) and rounded to"
             " 8 bits; `images.safetensors` holds the exact normalised tensors (one key per phase)."
         ]
+        if distilled.whitening is not None:
+            lines[-1] += (
+                f" The tensors are ZCA-whitened (data.whiten=zca): `{whitening.FILE}` holds the transform (`mean`,"
+                " `matrix`, `inverse`); the PNGs are `images @ inverse + mean` de-normalised, and a model trained on"
+                " the tensors reads real images as `(normalised - mean) @ matrix`, each flattened."
+            )
     else:
         lines += [
             f"The distilled images are **features** of the frozen image encoder `{encoders['image']}`, not"

@@ -34,6 +34,7 @@ from torch.optim import SGD
 from mmdistill import __version__, distributed
 from mmdistill.config import AUTO, PhaseConfig, changed_keys, flat_keys, to_dict
 from mmdistill.coresets import random_pairs
+from mmdistill.data import whitening
 from mmdistill.distill.calibrate import calibrate, expert_epochs_for
 from mmdistill.distill.collapse import CollapseWatch, no_move_loss
 from mmdistill.distill.matching import LR_KEYS, InnerPlan, matching_gradient
@@ -574,7 +575,8 @@ def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
             resume and int(match.group(1)) < count and phase_metadata(path).get("fingerprint") == expected
         ):
             path.unlink()
-    stale = [out / "recall_curve.json"] + ([] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")])
+    stale = [out / "recall_curve.json", out / whitening.FILE]  # the whitening is written again beside meta.json
+    stale += [] if resume else [out / "meta.json", *out.glob("checkpoints/phase-*.pt")]
     for path in stale:
         path.unlink(missing_ok=True)
 
@@ -585,10 +587,8 @@ def _clear_stale(out: Path, count: int, expected: str, resume: bool) -> None:
 def _save_grid(images: torch.Tensor, bundle, path: Path) -> None:
     from torchvision.utils import save_image
 
-    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
     with atomic_path(path) as tmp:
-        save_image((images * std + mean).clamp(0, 1), tmp, nrow=10, format="png")
+        save_image(bundle.pictures(images), tmp, nrow=10, format="png")
 
 
 def _cosine_nearest(queries: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -648,6 +648,10 @@ def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, exp
     fingerprint of the config as given (the phase files carry it); `cfg` has its auto settings resolved.
     The encoders and the pixel normalisation are written out so the set can be used without the config."""
     done = [phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
+    normalization = {"mean": list(bundle.mean), "std": list(bundle.std)}
+    if bundle.whitening is not None:  # the images are whitened pixels: the transform travels with them
+        bundle.whitening.save(out)
+        normalization["whitening"] = whitening.FILE
     write_meta(
         {
             "method": cfg.distill.method,
@@ -667,7 +671,7 @@ def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, exp
                 for phase, d in zip(phases, done)
             ],
             "encoders": {"image": cfg.model.image_encoder, "text": cfg.model.text_encoder, "text_dim": bundle.text_dim},
-            "normalization": {"mean": list(bundle.mean), "std": list(bundle.std)},
+            "normalization": normalization,
             "expert_epochs": expert_epochs,
             "lr_source": "ema",
             "version": __version__,

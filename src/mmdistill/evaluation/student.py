@@ -49,7 +49,9 @@ def _student_inputs(model: DualEncoder, bundle: Prepared, images: torch.Tensor, 
     if images.dim() == 2:
         return images
     encoder = model.image_encoder if model.image_trainable else model.frozen_image_encoder
-    if (tuple(encoder.mean), tuple(encoder.std)) != (tuple(bundle.mean), tuple(bundle.std)):
+    # whitened pixels stay as they are: every student of a whitened set reads them (MTT's ZCA protocol)
+    renormalize = (tuple(encoder.mean), tuple(encoder.std)) != (tuple(bundle.mean), tuple(bundle.std))
+    if renormalize and bundle.whitening is None:
         mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (bundle.mean, bundle.std))
         images = normalize(images * std + mean, encoder.mean, encoder.std)
     if model.image_trainable:

@@ -113,7 +113,7 @@ def _epoch_batches(cfg, bundle, rng: torch.Generator, device: torch.device):
         seed = int(torch.randint(1 << 62, (1,), generator=rng))
         loader = _loader(split, transform, image_of[order].tolist(), cfg.experts.batch_size, seed)
         for (images, _), ids in zip(_batches(loader), batches):
-            yield images, ids
+            yield bundle.whiten(images), ids
 
 
 def _image_inputs(cfg, bundle, split_name: str, batch_size: int):
@@ -128,7 +128,7 @@ def _image_inputs(cfg, bundle, split_name: str, batch_size: int):
         split = bundle.splits[split_name]
         transform = build_transform(cfg.data.image_size, bundle.mean, bundle.std, "none")
         for images, _ in _batches(_loader(split, transform, list(range(len(split))), batch_size)):
-            yield images
+            yield bundle.whiten(images)
 
 
 @torch.no_grad()
