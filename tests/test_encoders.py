@@ -261,3 +261,31 @@ def test_open_clip_text_encoder_and_bad_names(tiny_open_clip):
     with pytest.raises(UserError) as info:
         build_text_encoder("open_clip:mmdistill-tiny@no_such_tag")
     assert str(info.value).startswith("open_clip:mmdistill-tiny@no_such_tag: ") and "\n" not in str(info.value)
+
+
+def test_a_trained_pretrained_encoder_keeps_its_norm_statistics_and_one_from_scratch_uses_its_batches():
+    """model.norm_stats=auto: batch norms of the pretrained EfficientNet stay in eval mode while the rest trains
+    (their running statistics never move); a ConvNet with batch norm from random weights normalises by its batches;
+    `batch` and `frozen` force either."""
+    from omegaconf import OmegaConf
+
+    from mmdistill.config import load_config
+    from mmdistill.model import build_model
+
+    def probe(model_overrides):
+        model_cfg = OmegaConf.merge(load_config("shapes-finetune-100").model, model_overrides)
+        model = build_model(model_cfg, text_dim=8, image_size=32, seed=0).train()
+        norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        before = [n.running_mean.clone() for n in norms]
+        model.encode_image(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))).sum().backward()
+        moved = any(not torch.equal(n.running_mean, b) for n, b in zip(norms, before))
+        frozen = not any(n.training for n in norms)
+        assert model.text_projection.training and model.image_encoder.training  # the rest trains
+        assert all(p.grad is not None for n in norms for p in n.parameters())  # their affine weights train too
+        return frozen, moved
+
+    assert probe({}) == (True, False)  # pretrained efficientnet_lite0, fine-tuned: frozen statistics
+    assert probe({"norm_stats": "batch"}) == (False, True)
+    scratch = {"image_encoder": "convnet", "convnet": {"depth": 2, "width": 8, "norm": "batchnorm"}}
+    assert probe(scratch) == (False, True)  # random weights: its batches' statistics
+    assert probe({**scratch, "norm_stats": "frozen"}) == (True, False)

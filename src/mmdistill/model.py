@@ -63,6 +63,10 @@ class DualEncoder(nn.Module):
     Image-trainable mode: the image encoder is trained ('img' group) and text features are projected to its
     output size. Frozen mode: inputs may be pixels (run through the frozen encoder, not in any group) or
     precomputed features; the image projection is the 'img' group.
+
+    `frozen_norm_stats`: a trained image encoder's batch norms normalise with their running statistics and never
+    update them (eval mode), also while the rest trains. A pretrained encoder's statistics describe real images;
+    trained on a few dozen synthetic ones in batch mode it normalises by theirs and carries them to test time.
     """
 
     def __init__(
@@ -73,9 +77,11 @@ class DualEncoder(nn.Module):
         embed_dim: int = 0,
         dropout: float = 0.1,
         temperature: float = 0.07,
+        frozen_norm_stats: bool = False,
     ):
         super().__init__()
         self.image_trainable = image_trainable
+        self.frozen_norm_stats = frozen_norm_stats and image_trainable
         self.logit_scale = 1.0 / temperature
         if image_trainable:
             self.image_encoder = image_encoder
@@ -98,6 +104,10 @@ class DualEncoder(nn.Module):
         super().train(mode)
         if not self.image_trainable:
             self.frozen_image_encoder.eval()
+        elif self.frozen_norm_stats:
+            for module in self.image_encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,8 +194,15 @@ def build_model(
             # the feature cache holds this encoder's features: the fixed one, not one per student seed (the
             # student's draw above stays, so the heads start from the same point of the stream either way)
             encoder = build_frozen_image_encoder(name, **options)
+        pretrained = not has_random_weights(name, model_cfg.pretrained)
         model = DualEncoder(
-            encoder, text_dim, model_cfg.image_trainable, model_cfg.embed_dim, model_cfg.dropout, model_cfg.temperature
+            encoder,
+            text_dim,
+            model_cfg.image_trainable,
+            model_cfg.embed_dim,
+            model_cfg.dropout,
+            model_cfg.temperature,
+            frozen_norm_stats=model_cfg.norm_stats == "frozen" or (model_cfg.norm_stats == "auto" and pretrained),
         )
     model.to(device)
     if not model.image_trainable:
