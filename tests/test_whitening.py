@@ -12,7 +12,7 @@ from mmdistill.data.whitening import FILE, Whitening, load_whitening
 from mmdistill.errors import UserError
 from mmdistill.pipeline import run
 from mmdistill.prepare import Prepared
-from mmdistill.synthetic import export, load_distilled, phases_for
+from mmdistill.synthetic import describe, export, load_distilled, phases_for
 
 
 def _correlated_images(count: int, seed: int = 0) -> torch.Tensor:
@@ -100,3 +100,4 @@ def test_a_whitened_run_distils_whitened_pixels_and_its_set_carries_the_transfor
     picture = bundle.pictures(distilled.phases[1]["images"][3:4])[0].permute(1, 2, 0).numpy()
     assert np.abs(png - picture).max() <= 1 / 255 + 1e-6  # the PNG shows the un-whitened pixels
     assert f"`{FILE}` holds the transform" in (out / "README.md").read_text()
+    assert f"then ZCA-whitened ({FILE})" in describe(again)

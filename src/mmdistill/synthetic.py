@@ -870,7 +870,8 @@ def describe(distilled: DistilledSet) -> str:
             f"; normalisation mean {distilled.normalization['mean']} std {distilled.normalization['std']}"
             if distilled.normalization
             else ""
-        ),
+        )
+        + (f", then ZCA-whitened ({whitening.FILE})" if distilled.whitening is not None else ""),
         f"{'phase':>5} {'pairs':>6} {'images':>16} {'texts':>10} {'S':>9} {'S diag':>7} {'S off':>7}"
         f" {'S off max':>9} {'lr_img':>9} {'lr_txt':>9}  notes",
     ]
