@@ -66,7 +66,7 @@ def test_whitening_is_refused_before_any_work_where_it_cannot_apply(preset, over
         load_config("shapes-tiny", ["data.whiten=pca"])
 
 
-def test_a_whitened_run_distils_whitened_pixels_and_its_set_carries_the_transform(tmp_path):
+def test_a_whitened_run_distils_whitened_pixels_and_its_set_carries_the_transform(tmp_path, monkeypatch):
     overrides = [f"cache_dir={tmp_path / 'cache'}", "evaluate.baselines=[]", "evaluate.runs=1"]
     cfg = load_config("shapes-tiny", [*overrides, "data.whiten=zca"])
     results = run(cfg, tmp_path / "run")
@@ -78,8 +78,15 @@ def test_a_whitened_run_distils_whitened_pixels_and_its_set_carries_the_transfor
     distilled = load_distilled(tmp_path / "run")
     from mmdistill.prepare import prepare
 
-    bundle = prepare(cfg)
-    assert distilled.whitening.matches(bundle.whitening) and load_whitening(folder).matches(bundle.whitening)
+    assert len(list((tmp_path / "cache" / "features").glob("zca-*.safetensors"))) == 1  # fitted once, cached
+
+    def no_second_fit(*args, **kwargs):
+        raise AssertionError("the whitening was fitted again instead of read from the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Whitening, "fit", no_second_fit)
+        bundle = prepare(cfg)
+    assert distilled.whitening.matches(bundle.whitening) and load_whitening(folder / FILE).matches(bundle.whitening)
     # what every stage reads (bundle.normalize) is whitened: no direction of the training pixels keeps more than
     # unit variance, where the merely normalised pixels have directions far above it
     train = bundle.normalize(bundle.pixels["train"]).flatten(1)

@@ -325,7 +325,7 @@ def _whitening(folder: Path, meta: dict) -> Whitening | None:
     """The whitening the set's normalisation names, read from its folder."""
     if not (meta.get("normalization") or {}).get("whitening"):
         return None
-    found = load_whitening(folder)
+    found = load_whitening(folder / whitening.FILE)
     if found is None:
         raise UserError(f"{folder} was distilled on whitened pixels but lacks {whitening.FILE}")
     return found
@@ -576,7 +576,7 @@ def _write_sidecars(distilled: DistilledSet, out: Path, layout: str) -> None:
     space = distilled.space
     save_tensors({f"phase-{p}": ph["images"] for p, ph in enumerate(distilled.phases)}, out / EXPORT_TENSORS[space])
     if distilled.whitening is not None:
-        distilled.whitening.save(out)
+        distilled.whitening.save(out / whitening.FILE)
     save_tensors(
         {f"phase-{p}": ph["texts"] for p, ph in enumerate(distilled.phases)}, out / "text_embeddings.safetensors"
     )

@@ -75,13 +75,14 @@ class Whitening:
             and torch.allclose(self.matrix, other.matrix, rtol=1e-3, atol=1e-4 * float(self.matrix.abs().max()))
         )
 
-    def save(self, folder: Path) -> None:
-        save_tensors({"mean": self.mean, "matrix": self.matrix, "inverse": self.inverse}, Path(folder) / FILE)
+    def save(self, path: Path) -> None:
+        save_tensors({"mean": self.mean, "matrix": self.matrix, "inverse": self.inverse}, path)
 
 
-def load_whitening(folder: Path) -> Whitening | None:
-    """The whitening a set's folder carries, or None; a damaged file stops with its name."""
-    path = Path(folder) / FILE
+def load_whitening(path: Path) -> Whitening | None:
+    """The whitening saved at `path` (a set's FILE, or the fit's cache), or None; a damaged file stops with its
+    name."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:

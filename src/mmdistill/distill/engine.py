@@ -650,7 +650,7 @@ def _write_meta(cfg, bundle, phases: list[PhaseConfig], out: Path, key: str, exp
     done = [phase_metadata(out / f"phase-{p}.safetensors") for p in range(len(phases))]
     normalization = {"mean": list(bundle.mean), "std": list(bundle.std)}
     if bundle.whitening is not None:  # the images are whitened pixels: the transform travels with them
-        bundle.whitening.save(out)
+        bundle.whitening.save(out / whitening.FILE)
         normalization["whitening"] = whitening.FILE
     write_meta(
         {
