@@ -19,7 +19,7 @@ import torch
 
 from mmdistill.config import total_pairs
 from mmdistill.data import SOURCE_FLIP_SAFE, Split, build_splits, decode_image, load_image
-from mmdistill.data.transforms import build_transform, pixel_tensor
+from mmdistill.data.transforms import build_transform, normalize, pictures, pixel_tensor
 from mmdistill.data.whitening import Whitening, load_whitening
 from mmdistill.encoders import build_image_encoder
 from mmdistill.errors import UserError
@@ -49,9 +49,7 @@ class Prepared:
 
     def normalize(self, pixels01: torch.Tensor) -> torch.Tensor:
         """The student's pixel inputs: mean/std normalised, then whitened where the data is."""
-        mean = torch.tensor(self.mean, device=pixels01.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels01.device).view(1, 3, 1, 1)
-        return self.whiten((pixels01 - mean) / std)
+        return self.whiten(normalize(pixels01, self.mean, self.std))
 
     def whiten(self, normalized: torch.Tensor) -> torch.Tensor:
         """Mean/std normalised pixels (a DataLoader's output) as the student reads them."""
@@ -59,11 +57,7 @@ class Prepared:
 
     def pictures(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] of pixel inputs (synthetic or real): whitening and normalisation undone."""
-        if self.whitening is not None:
-            inputs = self.whitening.undo(inputs)
-        mean = torch.tensor(self.mean, device=inputs.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=inputs.device).view(1, 3, 1, 1)
-        return (inputs * std + mean).clamp(0, 1)
+        return pictures(inputs, self.mean, self.std, self.whitening)
 
     def pixels01(self, split: str, ids: torch.Tensor, image_size: int) -> torch.Tensor:
         """Test-transformed pixels in [0, 1] of some images of a split: from memory, else decoded from files."""

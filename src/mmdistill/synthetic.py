@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from mmdistill.config import from_dict
 from mmdistill.data import build_splits, load_image, whitening
-from mmdistill.data.transforms import build_transform
+from mmdistill.data.transforms import build_transform, pictures
 from mmdistill.data.whitening import Whitening, load_whitening
 from mmdistill.encoders import build_image_encoder
 from mmdistill.errors import UserError
@@ -524,11 +524,10 @@ def _export_rows(distilled: DistilledSet) -> list[dict]:
     for p, phase in enumerate(distilled.phases):
         captions = (distilled.captions[p] if p < len(distilled.captions) else None) or [{}] * len(phase["texts"])
         if real is None:
-            mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-            images = phase["images"] if distilled.whitening is None else distilled.whitening.undo(phase["images"])
-            pictures = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+            unit = pictures(phase["images"], norm["mean"], norm["std"], distilled.whitening)
+            shown = (unit * 255).round().to(torch.uint8)
         else:
-            pictures = real[p]
+            shown = real[p]
         for i, record in enumerate(captions):
             rows.append(
                 {
@@ -544,7 +543,7 @@ def _export_rows(distilled: DistilledSet) -> list[dict]:
                         if real is not None
                         else {}
                     ),
-                    "picture": pictures[i],
+                    "picture": shown[i],
                 }
             )
     return rows

@@ -74,6 +74,16 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+def pictures(inputs: torch.Tensor, mean, std, whitening=None) -> torch.Tensor:
+    """Pixels in [0, 1] of normalised images [..., 3, H, W]; with `whitening` (a data.whitening.Whitening) the
+    inputs are whitened ones, undone first."""
+    if whitening is not None:
+        inputs = whitening.undo(inputs)
+    mean = torch.as_tensor(mean, dtype=inputs.dtype, device=inputs.device)[:, None, None]
+    std = torch.as_tensor(std, dtype=inputs.dtype, device=inputs.device)[:, None, None]
+    return (inputs * std + mean).clamp(0, 1)
+
+
 @dataclass
 class CropDraw:
     """One batch's random resized crops: per-sample affine maps (affine_grid form) and brightness factors."""
