@@ -14,7 +14,8 @@ Output folder:
 A stage's fingerprint hashes the config sections it reads and the versions of the stages it reads from. It is
 skipped when a finished record has the same fingerprint and its outputs exist; otherwise its stale outputs are
 deleted and it runs, under a new version, so everything downstream runs too. With `resume`, an unfinished stage
-with the same fingerprint continues from its files (finished experts, distillation checkpoints) instead.
+with the same fingerprint continues from its files (distillation checkpoints) instead. Expert files are keyed one
+by one by their own settings, so a rerun of the experts stage always keeps those still valid.
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ def open_study(cfg, out: Path, resume: bool = False, restart: bool = False, budg
     experts = ledger.stage(
         "experts",
         {"config": _sections(cfg, "seed", "experts"), "prepared": prepared["version"]},
-        lambda resume: train_experts(cfg, out / "experts"),
-        owns=[out / "experts"],
+        # each expert file carries its own settings: a stale stage keeps the experts still valid (a changed
+        # experts.count trains only the new ones) and replaces or deletes the rest
+        lambda resume: train_experts(cfg, out / "experts", restart=not resume),
         needs=[out / "experts" / "summary.json"],
         precious=True,
     )

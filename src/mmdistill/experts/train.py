@@ -29,7 +29,7 @@ from mmdistill import distributed
 from mmdistill.config import changed_keys, flat_keys, to_dict
 from mmdistill.data.transforms import ImageDataset, augment_batch, build_transform
 from mmdistill.errors import UserError
-from mmdistill.experts.store import expert_path, read_metadata, tensor_norms, write_expert
+from mmdistill.experts.store import EXPERT_FILE, expert_path, read_metadata, tensor_norms, write_expert
 from mmdistill.io import append_jsonl, folder_lock, write_json, write_text
 from mmdistill.losses import LOSSES
 from mmdistill.metrics import model_recall
@@ -316,9 +316,23 @@ def summarize(out_dir: Path, count: int) -> dict:
     return summary
 
 
+def _refuse_extra_experts(out_dir: Path, count: int, restart: bool) -> None:
+    """Expert files numbered `count` or more: distillation reads every expert file in the folder, so they would be
+    mixed in. With `restart` they are deleted; otherwise refused, naming the first."""
+    extra = [p for p in sorted(out_dir.iterdir()) if (m := EXPERT_FILE.fullmatch(p.name)) and int(m.group(1)) >= count]
+    if extra and not restart:
+        raise UserError(
+            f"{extra[0]} is beyond experts.count={count} ({len(extra)} such file(s)); raise experts.count, use a new"
+            " --out, or delete them with --restart"
+        )
+    for path in extra:
+        path.unlink(missing_ok=True)  # every torchrun rank looks at every file
+
+
 def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
     """Train `experts.count` experts into `out_dir` (sharded over torchrun ranks); finished experts of the same
-    settings are kept, those of other settings refused (with `restart`: trained again).
+    settings are kept, those of other settings or numbered beyond the count refused (with `restart`: trained
+    again, or deleted).
 
     Rank 0 prepares the data first so the others find the feature cache built; rank 0 writes summary.json
     once every rank is done.
@@ -330,6 +344,7 @@ def train_experts(cfg, out_dir: Path, restart: bool = False) -> None:
         folder_lock(out_dir) if distributed.is_main() else contextlib.nullcontext(),
     ):
         out_dir.mkdir(parents=True, exist_ok=True)
+        _refuse_extra_experts(out_dir, cfg.experts.count, restart)
         todo = [i for i in range(cfg.experts.count) if not _is_done(expert_path(out_dir, i), cfg, restart)]
         mine = distributed.shard(todo)
         if world > 1:
