@@ -289,3 +289,33 @@ def test_a_trained_pretrained_encoder_keeps_its_norm_statistics_and_one_from_scr
     scratch = {"image_encoder": "convnet", "convnet": {"depth": 2, "width": 8, "norm": "batchnorm"}}
     assert probe(scratch) == (False, True)  # random weights: its batches' statistics
     assert probe({**scratch, "norm_stats": "frozen"}) == (True, False)
+
+
+def test_a_frozen_efficientnet_folds_its_batch_norms_into_the_same_map():
+    """The frozen encoder of pixel space runs forward and backward at every distillation iteration: its batch
+    norms (constants in eval mode) are folded into the convolutions and its symmetric pads into the convolutions'
+    own padding, which must leave the features and the pixels' gradient the same up to float rounding."""
+    from mmdistill.config import load_config
+    from mmdistill.model import build_model
+
+    reference = build_image_encoder("efficientnet_lite0", image_size=64).eval().requires_grad_(False)
+    model = build_model(load_config("shapes-100", ["distill.space=pixel"]).model, text_dim=8, image_size=64, seed=0)
+    folded = model.frozen_image_encoder
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    pads = [m for m in folded.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert 0 < len(pads) < sum(isinstance(m, torch.nn.ZeroPad2d) for m in reference.modules())
+    assert all(p.padding[0] != p.padding[1] for p in pads)  # only TF's asymmetric stride-2 pads stay explicit
+    assert not any(p.requires_grad for p in folded.parameters())
+
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seed = torch.randn(4, 1280, generator=torch.Generator().manual_seed(1))
+
+    def features_and_gradient(encoder):
+        x = pixels.clone().requires_grad_()
+        features = encoder(x)
+        return features.detach(), torch.autograd.grad(features, x, seed)[0]
+
+    (want, want_grad), (got, got_grad) = features_and_gradient(reference), features_and_gradient(folded)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert not torch.equal(got, want)  # really another computation
+    assert (got_grad - want_grad).norm() < 1e-3 * want_grad.norm()

