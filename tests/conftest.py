@@ -21,6 +21,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def trained_indices(monkeypatch) -> list[int]:
+    """The index of every expert trained from here on, in order (the training itself still runs)."""
+    import mmdistill.experts.train as experts_module
+
+    trained, real_train_expert = [], experts_module.train_expert
+
+    def counting_train_expert(cfg, bundle, index, *args):
+        trained.append(index)
+        real_train_expert(cfg, bundle, index, *args)
+
+    monkeypatch.setattr(experts_module, "train_expert", counting_train_expert)
+    return trained
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """shapes-tiny experts (2 experts x 3 epochs) and the overrides that point at their feature cache."""

@@ -7,7 +7,6 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-import mmdistill.experts.train as experts_module
 from mmdistill import pipeline
 from mmdistill.bench.cross_arch import STUDENTS, cross_arch_table, pixel_method, run_cross_arch
 from mmdistill.config import load_config
@@ -164,34 +163,26 @@ def test_changed_distill_key_reruns_distill_evaluate_and_report_only(tiny, tmp_p
     assert json.loads((copy / "distilled" / "meta.json").read_text())["config"]["distill"]["syn_steps"] == 2
 
 
-def test_a_changed_expert_count_keeps_the_trained_experts_and_drops_the_extra_ones(tiny, tmp_path, monkeypatch):
+def test_a_changed_expert_count_keeps_the_trained_experts_and_drops_the_extra_ones(tiny, tmp_path, trained_indices):
     _, cache, out, _ = tiny
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     kept = {p.name: p.read_bytes() for p in (copy / "experts").glob("expert-*.safetensors")}
     assert len(kept) == 2
-    trained = []
-    real_train_expert = experts_module.train_expert
-
-    def counting_train_expert(cfg, bundle, index, *args):
-        trained.append(index)
-        real_train_expert(cfg, bundle, index, *args)
-
-    monkeypatch.setattr(experts_module, "train_expert", counting_train_expert)
 
     def with_count(count):
         return load_config("shapes-tiny", [f"cache_dir={cache}", "device=cpu", f"experts.count={count}"])
 
     pipeline.open_study(with_count(3), copy)
-    assert trained == [2]  # only the new expert; the two finished ones of the same settings are kept as they were
+    assert trained_indices == [2]  # only the new one; the two finished ones of the same settings are kept as is
     assert {p.name: p.read_bytes() for p in (copy / "experts").glob("expert-000[01].safetensors")} == kept
     assert json.loads((copy / "experts" / "summary.json").read_text())["experts"] == 3
     pipeline.open_study(with_count(1), copy)  # distillation reads every file in the folder: the extras must go
-    assert trained == [2]
+    assert trained_indices == [2]
     assert sorted(p.name for p in (copy / "experts").glob("expert-*")) == ["expert-0000.safetensors"]
     shutil.copy(copy / "experts" / "expert-0000.safetensors", copy / "experts" / "expert-0001.safetensors")
     with pytest.raises(UserError, match=r"expert-0001.safetensors is beyond experts.count=1 .*--restart"):
-        experts_module.train_experts(with_count(1), copy / "experts")  # the `experts` command without --restart
+        pipeline.train_experts(with_count(1), copy / "experts")  # the `experts` command without --restart
 
 
 def test_recall_curve_evaluates_the_snapshots_the_engine_kept(tiny):
