@@ -139,7 +139,7 @@ class EfficientNetLite0(nn.Module):
 
         The same map up to float rounding (features within about 1e-5 relative), without the 49 normalisations
         and 34 explicit pads that are a quarter of a forward and backward pass on a CPU. Pixel space runs this
-        pass once per distillation iteration: 0.20-0.25 s instead of 0.28-0.42 s for 50 images at 64 px."""
+        pass once per distillation iteration: 0.20-0.29 s instead of 0.28-0.42 s for 50 images at 64 px."""
         for owner, conv_name, norm_name in self._conv_norm_pairs():
             conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
             weight, bias = fuse_conv_bn_weights(
