@@ -177,8 +177,15 @@ def _fit_whitening(cfg, bundle: Prepared) -> Whitening:
     a fit takes about 13 s at 32 px and every stage of a run prepares its own bundle. The cached file also gives
     every process the same transform, whatever its thread count."""
     train, size = bundle.splits["train"], cfg.data.image_size
-    key = {"kind": "zca", "split": train.fingerprint(), "image_size": size, "mean": bundle.mean, "std": bundle.std}
-    path = cache_path(cache_dir(cfg), {**key, "epsilon": cfg.data.zca_epsilon})
+    key = {
+        "kind": "zca",
+        "split": train.fingerprint(),
+        "image_size": size,
+        "mean": bundle.mean,
+        "std": bundle.std,
+        "epsilon": cfg.data.zca_epsilon,
+    }
+    path = cache_path(cache_dir(cfg), key)
     cached = load_whitening(path)
     if cached is not None:
         return cached

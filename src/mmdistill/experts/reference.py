@@ -11,8 +11,8 @@ import torch
 from mmdistill.errors import UserError
 from mmdistill.experts.store import (
     DTYPES,
-    EXPERT_FILE,
     ExpertStore,
+    expert_files,
     expert_path,
     layouts_json,
     trajectory_step_norms,
@@ -59,7 +59,7 @@ def _reference_layout(shapes) -> ParamLayout:
 
 
 def require_no_experts(out: Path) -> None:
-    if out.is_dir() and any(EXPERT_FILE.fullmatch(p.name) for p in out.iterdir()):
+    if out.is_dir() and expert_files(out):
         raise UserError(f"{out} already holds expert files; choose a new --out")
 
 

@@ -27,6 +27,11 @@ def expert_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"expert-{index:04d}.safetensors"
 
 
+def expert_files(folder: Path) -> list[tuple[int, Path]]:
+    """(index, path) of every expert file in `folder`, by index."""
+    return sorted((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := EXPERT_FILE.fullmatch(p.name)))
+
+
 # ------------------------------------------------------------------------------------------------ file format
 
 
@@ -96,8 +101,7 @@ class ExpertStore:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"expert folder not found: {self.folder}")
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := EXPERT_FILE.fullmatch(p.name))]
-        self.paths = [p for _, p in sorted(found)]
+        self.paths = [p for _, p in expert_files(self.folder)]
         if not self.paths:
             raise UserError(f"no expert files (expert-*.safetensors) in {self.folder}")
         self._metadata = [read_metadata(p) for p in self.paths]

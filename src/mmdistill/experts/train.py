@@ -29,7 +29,7 @@ from mmdistill import distributed
 from mmdistill.config import changed_keys, flat_keys, to_dict
 from mmdistill.data.transforms import ImageDataset, augment_batch, build_transform
 from mmdistill.errors import UserError
-from mmdistill.experts.store import EXPERT_FILE, expert_path, read_metadata, tensor_norms, write_expert
+from mmdistill.experts.store import expert_files, expert_path, read_metadata, tensor_norms, write_expert
 from mmdistill.io import append_jsonl, folder_lock, write_json, write_text
 from mmdistill.losses import LOSSES
 from mmdistill.metrics import model_recall
@@ -319,7 +319,7 @@ def summarize(out_dir: Path, count: int) -> dict:
 def _refuse_extra_experts(out_dir: Path, count: int, restart: bool) -> None:
     """Expert files numbered `count` or more: distillation reads every expert file in the folder, so they would be
     mixed in. With `restart` they are deleted; otherwise refused, naming the first."""
-    extra = [p for p in sorted(out_dir.iterdir()) if (m := EXPERT_FILE.fullmatch(p.name)) and int(m.group(1)) >= count]
+    extra = [path for index, path in expert_files(out_dir) if index >= count]
     if extra and not restart:
         raise UserError(
             f"{extra[0]} is beyond experts.count={count} ({len(extra)} such file(s)); raise experts.count, use a new"
