@@ -159,6 +159,13 @@ class DualEncoder(nn.Module):
     def named_params_at(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: t for g, layout in self.layouts.items() for name, t in layout.unflatten(flat[g]).items()}
 
+    def image_embedding_at(self, flat: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Image-trainable mode: the embedding that the encoder with the flat parameters `flat` gives pixels
+        (differentiable in both), without the text side that `logits_at` also runs."""
+        prefix = "image_encoder."
+        params = {n.removeprefix(prefix): t for n, t in self.named_params_at(flat).items() if n.startswith(prefix)}
+        return functional_call(self.image_encoder, params, (images,), strict=False, tie_weights=False)
+
     def logits_at(
         self, flat: dict[str, torch.Tensor], images: torch.Tensor, texts: torch.Tensor, blend=None
     ) -> torch.Tensor:
