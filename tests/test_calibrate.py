@@ -126,7 +126,7 @@ def test_pixels_a_trained_encoder_reads_are_calibrated_on_its_embeddings(tiny):
     phase = plan_phases(cfg)[0]
     syn = distiller.init_synthetic(0, phase)
     result = calibrate(distiller, 0, phase, syn)
-    assert "the images' embeddings by the student's encoder" in result.reasons["lr_images"]
+    assert "the student encoder's embeddings of the images" in result.reasons["lr_images"]
     value = torch.full_like(syn["lr_img"], result.lr_init)
     at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
     student = copy.deepcopy(distiller.model).double()

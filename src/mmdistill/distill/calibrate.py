@@ -244,7 +244,7 @@ def _image_reader(model, images: torch.Tensor, theta_start: dict[str, torch.Tens
         return "images", None
     if not model.image_trainable:
         return "the images' features", model.image_features
-    return "the images' embeddings by the student's encoder", partial(model.image_embedding_at, theta_start)
+    return "the student encoder's embeddings of the images", partial(model.image_embedding_at, theta_start)
 
 
 def _gradient_norms(distiller, syn, windows) -> dict[str, tuple[float, float]]:
