@@ -37,12 +37,19 @@ def _distiller(tiny, cfg):
     )
 
 
+def _calibrated(distiller):
+    """Phase 0, its initial synthetic set, its calibration, and that set at the calibrated lr_init."""
+    phase = plan_phases(distiller.cfg)[0]
+    syn = distiller.init_synthetic(0, phase)
+    result = calibrate(distiller, 0, phase, syn)
+    value = torch.full_like(syn["lr_img"], result.lr_init)
+    return phase, syn, result, {**syn, "lr_img": value, "lr_txt": value.clone()}
+
+
 def test_calibration_returns_the_documented_values(tiny):
     cfg = load_config("shapes-tiny", tiny[1])
     distiller = _distiller(tiny, cfg)
-    phase = plan_phases(cfg)[0]
-    syn = distiller.init_synthetic(0, phase)
-    result = calibrate(distiller, 0, phase, syn)
+    phase, syn, result, at_init = _calibrated(distiller)
     # lr_init: LR_MARGIN x the grid lr with the lowest mean matching loss, which beats a student that stays put
     assert [lr for lr, _ in result.scan] == list(LR_GRID)
     best_lr = min(result.scan, key=lambda item: item[1])[0]
@@ -50,8 +57,6 @@ def test_calibration_returns_the_documented_values(tiny):
     # data lrs: the first SGD step moves each variable by RELATIVE_STEP of its norm, for the mean gradient norm
     # over the same expert windows at lr_init (the pixels, which a trained ConvNet reads here, by what it reads:
     # see the next tests)
-    value = torch.full_like(syn["lr_img"], result.lr_init)
-    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
     norms = {"texts": [], "sim": []}
     for theta_start, theta_target, plan in _windows(distiller, 0, phase):
         _, grads = matching_gradient(distiller.model, at_init, theta_start, theta_target, plan, **distiller.options)
@@ -69,11 +74,7 @@ def test_a_low_rank_similarity_is_calibrated_on_the_matrix_it_defines(tiny):
     norm suggests, so lr_sim is set from the change of the dense S (checked here by finite differences)."""
     cfg = with_method(load_config("shapes-tiny", tiny[1]), "lors")
     distiller = _distiller(tiny, cfg)
-    phase = plan_phases(cfg)[0]
-    syn = distiller.init_synthetic(0, phase)
-    result = calibrate(distiller, 0, phase, syn)
-    value = torch.full_like(syn["lr_img"], result.lr_init)
-    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
+    phase, syn, result, at_init = _calibrated(distiller)
     keys = ["sim_diag", "sim_left", "sim_right"]
     n, eps = len(syn["images"]), 1e-3
 
@@ -99,12 +100,8 @@ def test_pixels_through_a_frozen_encoder_are_calibrated_on_their_features(tiny, 
     distiller = Distiller(
         resolve_expert_epochs(cfg, bundle)[0], ExpertStore(tmp_path / "experts"), bundle, torch.device("cpu")
     )
-    phase = plan_phases(cfg)[0]
-    syn = distiller.init_synthetic(0, phase)
-    result = calibrate(distiller, 0, phase, syn)
+    phase, syn, result, at_init = _calibrated(distiller)
     assert "the images' features" in result.reasons["lr_images"]
-    value = torch.full_like(syn["lr_img"], result.lr_init)
-    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
     encoder = copy.deepcopy(distiller.model.frozen_image_encoder).double()
     pixels, eps = syn["images"].double(), 1e-5
     changes = []
@@ -123,12 +120,8 @@ def test_pixels_a_trained_encoder_reads_are_calibrated_on_its_embeddings(tiny):
     the pixels' own norm turned shapes-scratch-100's images into noise (see calibrate.py)."""
     cfg = load_config("shapes-tiny", tiny[1])
     distiller = _distiller(tiny, cfg)
-    phase = plan_phases(cfg)[0]
-    syn = distiller.init_synthetic(0, phase)
-    result = calibrate(distiller, 0, phase, syn)
+    phase, syn, result, at_init = _calibrated(distiller)
     assert "the student encoder's embeddings of the images" in result.reasons["lr_images"]
-    value = torch.full_like(syn["lr_img"], result.lr_init)
-    at_init = {**syn, "lr_img": value, "lr_txt": value.clone()}
     student = copy.deepcopy(distiller.model).double()
     pixels, eps = syn["images"].double(), 1e-5
     changes, sizes = [], []
