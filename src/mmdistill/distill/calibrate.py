@@ -23,8 +23,8 @@ the student lr that matches a window best shifts with the experts' steps per epo
   and the images keep their shapes, at the same recall within noise (one set of experts, 1 thread, two
   distillation seeds: r_mean 8.3 and 8.0 vs 7.6 and 8.1; fixed steps of 3, 1, 0.3 and 0.1 % of the pixels' norm
   gave 7.9, 8.5, 8.0, 7.8 on the first seed). A pretrained encoder is far more sensitive: the rule moves
-  EfficientNet-Lite0's pixels by about 0.03 % per step on emoji-finetune-100 (r_mean 25.6 vs 24.3 at 10 %,
-  25.2 at 1 %; shapes-finetune-100: 41.9 vs 34.7 over 6 students at 1 thread, see the README).
+  EfficientNet-Lite0's pixels by about 0.03 % per step on emoji-finetune-100, where recall stays level (24.4 vs
+  24.0 over 6 students), and shapes-finetune-100 scores 41.9 vs 34.7 (6 students, 1 thread; see the README).
 - `expert_epochs` (M, the target is M epochs after the start): the fewest epochs whose expert steps are at least
   the synthetic steps. With 440 images and one caption each an epoch is 4 steps of batch 128, so a 1-epoch
   target asked 8 synthetic steps to imitate 4 (measured on that set: r_mean 37.7 at M=1, 46.6 at M=2; it is
