@@ -361,6 +361,34 @@ def test_diverged_run_stops_with_finite_results():
     assert all(math.isfinite(v) for v in result["test"].values())
 
 
+def test_a_student_that_unlearns_is_flagged_broke_down():
+    """Phase 1 pairs every image with another image's caption: the student keeps finite losses but gives back
+    what phase 0 taught it. Validation still selects phase 0, and the run says that it broke down; the same
+    student on correct pairs in both phases does not."""
+    cfg = make_cfg("evaluate.epochs=20", "evaluate.eval_every=5", "evaluate.lr_milestones=[100]")
+    bundle = make_bundle()
+    right = real_phase(bundle, torch.arange(80), lr=1.0)
+    wrong = {**right, "texts": right["texts"][torch.randperm(80, generator=torch.Generator().manual_seed(0))]}
+    fallen = train_and_test(cfg, bundle, [right, wrong], seed=0)
+    assert not fallen["diverged"] and fallen["phase"] == 0
+    assert fallen["broke_down"]["phase"] == 1
+    assert fallen["broke_down"]["val_r_mean"] < 0.5 * fallen["broke_down"]["best_val_r_mean"]
+    assert fallen["broke_down"]["best_val_r_mean"] == max(c["val_r_mean"] for c in fallen["curve"])
+    steady = train_and_test(cfg, bundle, [right, right], seed=0)
+    assert steady["broke_down"] is None and steady["phase"] == 1
+
+
+def test_overfitting_and_noise_are_not_a_breakdown():
+    """Giving back half the gain is what a student overfitting one phase does; a student that barely learned
+    moves by noise. Neither is flagged, a fall of three quarters of a real gain is."""
+    curve = [{"phase": 0, "epoch": e, "val_r_mean": v} for e, v in enumerate((2.0, 40.0, 21.0, 30.0))]
+    assert evaluate.breakdown(curve) is None
+    noisy = [{"phase": 0, "epoch": e, "val_r_mean": v} for e, v in enumerate((2.0, 6.0, 2.1))]
+    assert evaluate.breakdown(noisy) is None
+    curve.append({"phase": 1, "epoch": 10, "val_r_mean": 11.0})
+    assert evaluate.breakdown(curve) == {"phase": 1, "epoch": 10, "val_r_mean": 11.0, "best_val_r_mean": 40.0}
+
+
 def test_cross_architecture_needs_pixel_space():
     bundle = make_bundle()
     with pytest.raises(UserError, match="pixel-space"):
@@ -412,6 +440,15 @@ def test_the_table_shows_diverged_runs():
     lines = format_table({"ptm-st": {**entry, "diverged": 1}, "random": {**entry, "diverged": 0}}).splitlines()
     assert lines[1].startswith("ptm-st") and lines[1].endswith("2  (1 diverged)")
     assert lines[2].startswith("random") and "diverged" not in lines[2]
+
+
+def test_the_table_shows_runs_that_broke_down_and_where():
+    entry = {**{m: 1.0 for m in METRICS}, "r_mean_std": 0.0, "runs": 3, "diverged": 1, "broke_down": 1}
+    fall = {"phase": 1, "epoch": 10, "val_r_mean": 4.1, "best_val_r_mean": 33.0}
+    entry["per_run"] = [{"broke_down": None}, {"broke_down": fall}, {"broke_down": None}]
+    lines = format_table({"ptm-st": entry}).splitlines()
+    assert lines[1].endswith("3  (1 diverged, 1 broke down)")
+    assert "ptm-st: 1 of 3 students broke down (validation r_mean 33.0 -> 4.1 in phase 1, epoch 10)" in lines[-1]
 
 
 def test_evaluate_command_trains_with_the_runs_method_not_the_presets(tmp_path, monkeypatch):

@@ -129,13 +129,15 @@ def test_best_cell_is_bold_and_full_data_is_not_ranked():
     assert "30.0 ± 1.0" in rows["ptm-st"]
 
 
-def test_diverged_runs_are_counted_in_the_tables(tmp_path):
+def test_diverged_and_broken_down_runs_are_counted_in_the_tables(tmp_path):
     results = _results()
     results["methods"]["ptm-st"]["diverged"] = 1
+    results["methods"]["random"]["broke_down"] = 1
     rows = {line.split("|")[1].strip(): line for line in markdown_table(results["methods"]).splitlines()[2:]}
-    assert rows["ptm-st"].endswith("| 2 (1 diverged) |  |") and rows["random"].endswith("| 2 |  |")
+    assert rows["ptm-st"].endswith("| 2 (1 diverged) |  |") and rows["random"].endswith("| 2 (1 broke down) |  |")
     write_report(tmp_path, results)
-    assert "<td>2 (1 diverged)</td>" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "<td>2 (1 diverged)</td>" in page and "<td>2 (1 broke down)</td>" in page
 
 
 def _r_mean(value: float) -> dict:

@@ -37,18 +37,25 @@ def results_path(out: Path) -> Path:
     return out if out.suffix == ".json" else out / "results.json"
 
 
+def unstable_runs(entry: dict) -> str:
+    """How many runs diverged or broke down, e.g. "1 diverged, 1 broke down" ("" for none). Their numbers come
+    from an earlier checkpoint than the run was trained to, so every table says so beside the runs."""
+    counts = {"diverged": entry.get("diverged"), "broke down": entry.get("broke_down")}
+    return ", ".join(f"{count} {what}" for what, count in counts.items() if count)
+
+
 def format_table(methods: dict) -> str:
-    """One line per method: the six recalls, r_mean +- std, runs, how many runs diverged, if any (their numbers
-    are the last finite checkpoint's, so the table must say so), and FAILED / BELOW RANDOM where it applies."""
+    """One line per method: the six recalls, r_mean +- std, runs, how many runs diverged or broke down, if any,
+    and FAILED / BELOW RANDOM where it applies."""
     header = f"{'method':<16}" + "".join(f"{m:>7}" for m in METRICS[:-1]) + f"{'r_mean':>16}{'runs':>6}  status"
     lines = [header]
     for name, entry in methods.items():
         recalls = "".join(f"{entry[m]:>7.2f}" for m in METRICS[:-1])
-        diverged = f"  ({entry['diverged']} diverged)" if entry.get("diverged") else ""
+        unstable = f"  ({unstable_runs(entry)})" if unstable_runs(entry) else ""
         status = f"  {method_status(entry, methods)}".rstrip()
         lines.append(
             f"{name:<16}{recalls}{entry['r_mean']:>9.2f} ± {entry['r_mean_std']:<4.2f}{entry['runs']:>6}"
-            f"{status}{diverged}"
+            f"{status}{unstable}"
         )
     notes = failure_notes(methods)
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -125,6 +132,16 @@ def failure_notes(methods: dict) -> list[str]:
             notes.append(
                 f"{name} r_mean {entry['r_mean']:.1f} is below the random coreset's {random['r_mean']:.1f}:"
                 " the distilled set is worse than the same number of random real pairs."
+            )
+        fallen = [run["broke_down"] for run in entry.get("per_run", []) if run.get("broke_down")]
+        if fallen:
+            falls = "; ".join(
+                f"{f['best_val_r_mean']:.1f} -> {f['val_r_mean']:.1f} in phase {f['phase']}, epoch {f['epoch']}"
+                for f in fallen
+            )
+            notes.append(
+                f"{name}: {len(fallen)} of {entry['runs']} students broke down (validation r_mean {falls}); each"
+                " reports the checkpoint the protocol selected. The lrs they train with are at the edge of stability."
             )
     return notes
 

@@ -76,6 +76,35 @@ def input_chunks(
 
 
 # -- one student -----------------------------------------------------------------------------------------
+# A student "breaks down" when a checkpoint's validation r_mean gives back most of what it had gained over the
+# untrained student, not just what overfitting costs. Over 321 students of this project's benchmark runs (frozen,
+# fine-tuned and scratch presets, 100-500 pairs, ablations), a later checkpoint gave back at most 51 % of the gain
+# (50 epochs on a 50-pair phase); the one student that broke down
+# (a fine-tuned EfficientNet, val 33.0 -> 4.1 in one phase) gave back 94 %. The absolute floor keeps a student
+# that barely learned from being flagged for the noise of a 200-image validation split.
+BREAKDOWN_FRACTION = 0.75  # of the gain over the untrained student, given back at one checkpoint
+BREAKDOWN_POINTS = 5.0  # validation r_mean points, at least
+
+
+def breakdown(curve: list[dict]) -> dict | None:
+    """The first checkpoint at which the student broke down (see BREAKDOWN_FRACTION), as {phase, epoch,
+    val_r_mean, best_val_r_mean}, or None. `curve` starts with the untrained student."""
+    if not curve:
+        return None
+    untrained = best = curve[0]["val_r_mean"]
+    for point in curve[1:]:
+        best = max(best, point["val_r_mean"])
+        lost = best - point["val_r_mean"]
+        if lost >= BREAKDOWN_POINTS and lost >= BREAKDOWN_FRACTION * (best - untrained):
+            return {
+                "phase": point["phase"],
+                "epoch": point["epoch"],
+                "val_r_mean": point["val_r_mean"],
+                "best_val_r_mean": best,
+            }
+    return None
+
+
 class _Checkpoints:
     """Recall at the evaluation checkpoints of one run, and the state the protocol selects.
 
@@ -271,7 +300,8 @@ def train_and_test(cfg, bundle: Prepared, phases: list[dict], seed: int, image_e
     Checkpoints are epoch 0 of phase 0 (the untrained student), then every `evaluate.eval_every` epochs and the
     last epoch of each phase. A later phase trains on from the best checkpoint so far (`evaluate.handoff=best`,
     early stopping per phase) or from the previous phase's last epoch (`last`). A run that diverges stops there
-    and reports its best finite checkpoint with "diverged": true.
+    and reports its best finite checkpoint with "diverged": true. "broke_down" names the checkpoint at which
+    the student lost most of what it had learned (`breakdown`), or is None.
     """
     return _train_student(cfg, bundle, phases, seed, image_encoder)[1]
 
@@ -317,7 +347,18 @@ def _train_student(
                 if not _train_phase(cfg, model, bundle, phase, p, checkpoints, gen, device):
                     diverged = True
                     break
-    return model, {**checkpoints.result(), "diverged": diverged, "seconds": time.perf_counter() - start}
+    result = checkpoints.result()
+    broke_down = breakdown(result["curve"])
+    if broke_down:
+        logger.warning(
+            "a student broke down: validation r_mean fell from %.1f to %.1f (phase %d, epoch %d); its result is"
+            " the checkpoint the protocol selected, not its last",
+            broke_down["best_val_r_mean"],
+            broke_down["val_r_mean"],
+            broke_down["phase"],
+            broke_down["epoch"],
+        )
+    return model, {**result, "diverged": diverged, "broke_down": broke_down, "seconds": time.perf_counter() - start}
 
 
 def train_student(
@@ -362,6 +403,7 @@ def summarize_runs(per_run: list[dict], protocol: str) -> dict:
         "std": std,
         "protocol": PROTOCOLS[protocol],
         "diverged": sum(r["diverged"] for r in per_run),
+        "broke_down": sum(bool(r.get("broke_down")) for r in per_run),
         "per_run": per_run,
     }
 

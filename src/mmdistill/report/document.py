@@ -25,6 +25,7 @@ from mmdistill.evaluation.results import (
     failure_notes,
     mean_std,
     method_status,
+    unstable_runs,
 )
 from mmdistill.io import write_text
 from mmdistill.report.figures import (
@@ -60,9 +61,9 @@ def best_methods(methods: dict) -> dict[str, set[str]]:
 
 
 def _runs(entry: dict) -> str:
-    """The runs cell; diverged runs report their last finite checkpoint, so they are counted in it."""
-    diverged = entry.get("diverged")
-    return f"{entry.get('runs', '')} ({diverged} diverged)" if diverged else f"{entry.get('runs', '')}"
+    """The runs cell, with the runs that diverged or broke down counted in it."""
+    unstable = unstable_runs(entry)
+    return f"{entry.get('runs', '')} ({unstable})" if unstable else f"{entry.get('runs', '')}"
 
 
 def markdown_table(methods: dict) -> str:
