@@ -235,6 +235,16 @@ def test_cross_arch_trains_other_students_on_the_run_s_images_beside_a_random_co
     table = cross_arch_table(cross)
     assert all(f"| {name} |" in table for name in students) and table in (out / "cross-arch.md").read_text()
     assert capsys.readouterr().out.rstrip().endswith(table)  # the command prints the table last
+    page = (out / "report.html").read_text()  # the run's report gains the table
+    assert "<h2>Cross-architecture transfer</h2>" in page and all(f"<td>{name}</td>" in page for name in students)
+    assert "## Cross-architecture transfer" in (out / "report.md").read_text()
+
+
+def test_the_cross_arch_table_counts_unstable_runs():
+    entry = {"r_mean": 20.0, "r_mean_std": 1.0, "lr": None, "diverged": 0, "broke_down": 1}
+    results = {"method": "ptm-st", "distilled_with": "convnet", "pairs": 10}
+    results["students"] = {"resnet": {"ptm-st": entry, "random": {**entry, "r_mean": 8.0, "lr": 0.1, "broke_down": 0}}}
+    assert cross_arch_table(results).endswith("| resnet | 20.0 ± 1.0 (1 broke down) | own | 8.0 ± 1.0 | 0.1 | 2.50x |")
 
 
 def test_the_cross_arch_students_build_offline_and_read_pixels():

@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 from mmdistill.config import total_pairs, with_method
 from mmdistill.evaluation.baselines import best_lr_on_validation, coreset_phases
-from mmdistill.io import folder_lock, write_json, write_text
+from mmdistill.io import folder_lock, read_json, write_json, write_text
 from mmdistill.pipeline import open_study
+from mmdistill.report.document import cross_arch_caption, cross_arch_rows, write_report
 from mmdistill.synthetic import load_synthetic
 
 logger = logging.getLogger(__name__)
@@ -103,26 +104,14 @@ def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> d
         write_json(results, out / "cross-arch.json")
         table = cross_arch_table(results)
         write_text(f"# Cross-architecture transfer ({cfg.name})\n\n{table}\n", out / "cross-arch.md")
+        if (out / "results.json").exists():  # a run's folder: its report gains the table
+            write_report(out, read_json(out / "results.json"))
     print(table)
     return results
 
 
 def cross_arch_table(results: dict) -> str:
-    """Markdown: one row per student, r_mean ± std on test of the distilled set and the random coreset."""
-    method = results["method"]
-    lines = [
-        f"Images distilled by `{method}` through `{results['distilled_with']}` ({results['pairs']} pairs), trained"
-        " on by each student; r_mean on test, mean ± std over the runs, each set at the lr its students score best"
-        " on validation.",
-        "",
-        f"| student | {method} | lr | random coreset | lr | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, row in results["students"].items():
-        ours, random = row[method], row["random"]
-        ratio = f"{ours['r_mean'] / random['r_mean']:.2f}x" if random["r_mean"] > 0 else "-"
-        lines.append(
-            f"| {name} | {ours['r_mean']:.1f} ± {ours['r_mean_std']:.1f} | {ours['lr'] or 'own'} |"
-            f" {random['r_mean']:.1f} ± {random['r_mean_std']:.1f} | {random['lr']} | {ratio} |"
-        )
-    return "\n".join(lines)
+    """Markdown: what was distilled, then one row per student (`report.document.cross_arch_rows`)."""
+    header, rows = cross_arch_rows(results)
+    lines = [cross_arch_caption(results), "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -1,9 +1,9 @@
 """Reports: results tables (Markdown, HTML) and the figures of a run.
 
 `write_report(run_dir, results)` reads what the stages left in `run_dir` (distilled/history.jsonl, the phase
-files, image grids and captions, an optional recall curve) and writes `report.md`, a self-contained
-`report.html` (figures inlined as base64 PNG, CSS inline, nothing fetched) and the PNGs in `figures/`.
-Plots that need missing inputs are left out and the report says why.
+files, image grids and captions, an optional recall curve, `bench cross-arch`'s cross-arch.json) and writes
+`report.md`, a self-contained `report.html` (figures inlined as base64 PNG, CSS inline, nothing fetched) and the
+PNGs in `figures/`. Plots that need missing inputs are left out and the report says why.
 """
 
 from __future__ import annotations
@@ -183,6 +183,32 @@ class _Document:
         self.html.append("</div>")
 
 
+def cross_arch_caption(results: dict) -> str:
+    """What the cross-architecture table (`bench cross-arch`'s cross-arch.json) shows."""
+    return (
+        f"Images distilled by {results['method']} through {results['distilled_with']} ({results['pairs']} pairs),"
+        " trained on by each student; r_mean on test, mean ± std over the runs, each set at the lr its students"
+        " score best on validation."
+    )
+
+
+def cross_arch_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The cross-architecture table's header and one row per student: the distilled set and the random coreset,
+    each with the runs that diverged or broke down, where any did, and their ratio."""
+
+    def cell(entry: dict) -> str:
+        unstable = unstable_runs(entry)
+        return f"{entry['r_mean']:.1f} ± {entry['r_mean_std']:.1f}" + (f" ({unstable})" if unstable else "")
+
+    method = results["method"]
+    rows = []
+    for name, row in results["students"].items():
+        ours, random = row[method], row["random"]
+        ratio = f"{ours['r_mean'] / random['r_mean']:.2f}x" if random["r_mean"] > 0 else "-"
+        rows.append([name, cell(ours), str(ours["lr"] or "own"), cell(random), str(random["lr"]), ratio])
+    return ["student", method, "lr", "random coreset", "lr", "ratio"], rows
+
+
 def _protocol_note(methods: dict) -> str:
     """Which checkpoint selection the numbers use; the reference protocol is flagged as biased."""
     protocols = sorted({e["protocol"] for e in methods.values() if e.get("protocol")})
@@ -276,6 +302,13 @@ def write_report(run_dir: Path, results: dict) -> None:
             )
         else:
             doc.note("The method learns no similarity matrix (S = I).")
+
+    cross_arch = run_dir / "cross-arch.json"
+    if cross_arch.exists():
+        transfer = json.loads(cross_arch.read_text())
+        doc.heading("Cross-architecture transfer")
+        doc.note(cross_arch_caption(transfer))
+        doc.table(*cross_arch_rows(transfer), "cross-arch")
 
     rows = _timing_rows(results)
     if rows:
