@@ -104,7 +104,7 @@ def run_cross_arch(cfg, out: Path, students: dict[str, dict] | None = None) -> d
         write_json(results, out / "cross-arch.json")
         table = cross_arch_table(results)
         write_text(f"# Cross-architecture transfer ({cfg.name})\n\n{table}\n", out / "cross-arch.md")
-        if (out / "results.json").exists():  # a run's folder: its report gains the table
+        if (out / "report.html").exists():  # a run's folder: its report gains the table
             write_report(out, read_json(out / "results.json"))
     print(table)
     return results
