@@ -28,5 +28,6 @@ def test_bench_iteration_reports_each_mode_and_its_own_peak():
         assert result[f"repeats{suffix}"] == 1 and result[f"peak_rss_gib{suffix}"] > 0.1
         assert result[f"cpu_seconds_per_iteration{suffix}"] > 0
     assert result["gradient"] == "fd" and result["syn_steps"] == 3
+    assert result["cores"] >= 1 and result["load_before"] >= 0 and result["load_after"] >= 0  # the load is stated
     # fd keeps one parameter copy per step, unroll the whole graph: both grow from 5 to 20 steps, unroll more
     assert result["memory_ratio_20_vs_5_unroll"] > result["memory_ratio_20_vs_5"] > 0

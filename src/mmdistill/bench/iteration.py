@@ -219,12 +219,26 @@ def bench_iteration(cfg, budget_s: float = 30.0, max_repeats: int = 5) -> dict:
     memory growth of one iteration at syn_steps 5 vs 20 (default mode; unroll, whose growth is linear, only
     where 20 steps of it fit in a quarter of the free memory: on NFNet-L0 at 64 px it grew 5.5 GiB over 5
     steps, about 21 GiB at 20). `budget_s` bounds the timed repeats of each mode (at least one): a large model
-    gets fewer repeats, not a longer benchmark."""
+    gets fewer repeats, not a longer benchmark. The machine's 1-minute load before and after is recorded
+    beside the threads and cores (a warning says when other jobs leave this one fewer cores than threads)."""
     dc = cfg.distill
     threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]  # the 1-minute load before this benchmark: the other jobs it shares the CPUs with
+    if load + threads > cores + 0.5:
+        logger.warning(
+            "the machine is busy (load %.1f on %d cores, this benchmark adds %d threads): OpenMP threads wait on"
+            " each other when one is descheduled, so the seconds are slow and noisy; the ratios, measured side by"
+            " side, hold better. Run it alone, or with OMP_NUM_THREADS at the cores left free",
+            load,
+            cores,
+            threads,
+        )
     result = {
         "device": str(resolve_device(cfg.device)),
         "threads": threads,
+        "cores": cores,
+        "load_before": round(load, 2),
         "gradient": dc.gradient,
         "syn_steps": dc.syn_steps,
         "mini_batch_size": dc.mini_batch_size,
@@ -260,4 +274,5 @@ def bench_iteration(cfg, budget_s: float = 30.0, max_repeats: int = 5) -> dict:
         growth[20] = _memory_growth(cfg, 20, mode)
         result[f"peak_memory_mib_20{suffix}"] = growth[20]
         result[f"memory_ratio_20_vs_5{suffix}"] = growth[20] / max(growth[5], 1e-9)
+    result["load_after"] = round(os.getloadavg()[0], 2)
     return result
